@@ -1,0 +1,324 @@
+"""The `concilium` command. Bad input exits with code 2 and a one-line error, never a traceback."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from concilium.config import ServiceConfig, load_config
+from concilium.errors import ConciliumError, InvalidInput
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="concilium: routed modular experts behind one OpenAI-compatible gateway.",
+)
+experts_app = typer.Typer(no_args_is_help=True, help="Register, list, inspect and remove experts.")
+pack_app = typer.Typer(no_args_is_help=True, help="The demo expert pack.")
+app.add_typer(experts_app, name="experts")
+app.add_typer(pack_app, name="pack")
+out = Console()
+err = Console(stderr=True)
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="Service config YAML.")
+HomeOpt = typer.Option(None, "--home", help="Data dir (default $CONCILIUM_HOME or ./.concilium).")
+JsonOpt = typer.Option(False, "--json", help="Print JSON.")
+
+
+def _fail(msg: str) -> NoReturn:
+    err.print(f"[red]error:[/red] {msg}", highlight=False)
+    raise typer.Exit(2)
+
+
+def _config(config: Path | None, **overrides: Any) -> ServiceConfig:
+    try:
+        return load_config(config, **overrides)
+    except ConciliumError as e:
+        _fail(str(e))
+
+
+@app.command()
+def serve(
+    config: Path | None = ConfigOpt,
+    host: str | None = typer.Option(None, help="Bind address (default 127.0.0.1)."),
+    port: int | None = typer.Option(None, help="Port (default 8000)."),
+    home: Path | None = HomeOpt,
+    pack: Path | None = typer.Option(None, help="Demo pack to seed an empty registry from."),
+    no_ray: bool = typer.Option(False, "--no-ray", help="Serve in-process with uvicorn, no Ray."),
+) -> None:
+    """Start the gateway (local Ray Serve by default) and print how to call it."""
+    cfg = _config(config, host=host, port=port, home=home, pack=pack)
+    try:
+        if no_ray:
+            from concilium.orchestrator.local_server import run_local
+
+            run_local(cfg, announce=_announce)
+        else:
+            from concilium.deployments.builder import run_serve
+
+            run_serve(cfg, announce=_announce)
+    except ConciliumError as e:
+        _fail(str(e))
+
+
+def _announce(cfg: ServiceConfig) -> None:
+    url = f"http://{cfg.host}:{cfg.port}"
+    out.print(f"\n[bold green]concilium gateway listening on {url}[/bold green]  (Ctrl-C stops)\n")
+    out.print(
+        f"""  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "auto", "messages": [{{"role": "user", \\
+          "content": "Reverse this word: planet"}}]}}'
+
+  python -c "from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='-'); \\
+r = c.chat.completions.create(model='auto', messages=[{{'role': 'user', \\
+'content': 'Reverse this word: planet'}}]); print(r.choices[0].message.content)"
+""",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+# -- experts -----------------------------------------------------------------------------------
+def _registry(config: Path | None, home: Path | None) -> Any:
+    from concilium.orchestrator.service import open_registry
+
+    return open_registry(_config(config, home=home))
+
+
+@experts_app.command("add")
+def experts_add(
+    spec: Path | None = typer.Argument(None, help="Expert spec JSON/YAML file."),
+    from_pack: str | None = typer.Option(None, "--from-pack", help="A demo pack expert by name."),
+    pack: Path = typer.Option(Path("demo_pack"), help="Demo pack dir for --from-pack."),
+    url: str | None = typer.Option(None, help="Register through a running gateway instead."),
+    config: Path | None = ConfigOpt,
+    home: Path | None = HomeOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Register an expert (validated, artifacts built, live for running gateways)."""
+    data, base_dir = _spec_input(spec, from_pack, pack)
+    if url is not None:
+        body = _post_expert(url, data, _config(config).admin_key())
+    else:
+        from concilium.orchestrator.http import record_json
+
+        try:
+            body = record_json(_registry(config, home).register(data, base_dir=base_dir))
+        except ConciliumError as e:
+            _fail(str(e))
+    if as_json:
+        out.print_json(data=body)
+    else:
+        out.print(
+            f"registered [bold]{body['name']}[/bold] ({body['kind']}) at registry version "
+            f"{body['version']}"
+        )
+
+
+def _spec_input(
+    spec: Path | None, from_pack: str | None, pack: Path
+) -> tuple[dict[str, Any], Path | None]:
+    if (spec is None) == (from_pack is None):
+        _fail("give exactly one of SPEC (a file) or --from-pack NAME")
+    if from_pack is not None:
+        from concilium.orchestrator.service import pack_expert
+
+        try:
+            return pack_expert(pack, from_pack), None
+        except ConciliumError as e:
+            _fail(str(e))
+    assert spec is not None
+    import yaml
+
+    try:
+        data = yaml.safe_load(spec.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        _fail(f"cannot read spec {spec}: {e}")
+    if not isinstance(data, dict):
+        _fail(f"spec {spec} must be a JSON/YAML mapping")
+    return data, spec.parent
+
+
+def _post_expert(url: str, data: dict[str, Any], key: str | None) -> dict[str, Any]:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        r = httpx.post(url.rstrip("/") + "/v1/experts", json=data, headers=headers, timeout=120)
+    except httpx.HTTPError as e:
+        _fail(f"cannot reach {url}: {e}")
+    if r.status_code >= 400:
+        _fail(f"HTTP {r.status_code}: {r.json().get('error', {}).get('message', r.text)}")
+    return dict(r.json())
+
+
+@experts_app.command("list")
+def experts_list(
+    config: Path | None = ConfigOpt, home: Path | None = HomeOpt, as_json: bool = JsonOpt
+) -> None:
+    """List registered experts."""
+    from concilium.registry.store import RegistryStore
+
+    cfg = _config(config, home=home)
+    store = RegistryStore(cfg.home / "registry.sqlite")
+    recs = store.list()
+    if as_json:
+        out.print_json(
+            data=[
+                {"name": r.name, "kind": r.spec.kind, "task": r.spec.task, "version": r.version}
+                for r in recs
+            ]
+        )
+        return
+    t = Table("name", "kind", "task", "base", "categories", "pilots", "version")
+    for r in recs:
+        t.add_row(
+            r.name,
+            r.spec.kind,
+            r.spec.task,
+            getattr(r.spec, "base", "") or "",
+            ",".join(r.spec.categories),
+            str(len(r.spec.examples)),
+            str(r.version),
+        )
+    out.print(t)
+    out.print(f"registry version {store.version()}")
+
+
+@experts_app.command("show")
+def experts_show(name: str, config: Path | None = ConfigOpt, home: Path | None = HomeOpt) -> None:
+    """Show one expert's spec and artifacts (JSON)."""
+    from concilium.orchestrator.http import record_json
+    from concilium.registry.store import RegistryStore
+
+    cfg = _config(config, home=home)
+    try:
+        rec = RegistryStore(cfg.home / "registry.sqlite").get(name)
+    except ConciliumError as e:
+        _fail(str(e))
+    out.print_json(data=record_json(rec))
+
+
+@experts_app.command("rm")
+def experts_rm(name: str, config: Path | None = ConfigOpt, home: Path | None = HomeOpt) -> None:
+    """Remove an expert."""
+    from concilium.registry.store import RegistryStore
+
+    cfg = _config(config, home=home)
+    try:
+        version = RegistryStore(cfg.home / "registry.sqlite").remove(name)
+    except ConciliumError as e:
+        _fail(str(e))
+    out.print(f"removed {name}; registry version {version}")
+
+
+# -- route / chat ------------------------------------------------------------------------------
+@app.command()
+def route(
+    query: str,
+    router: str | None = typer.Option(None, help="Router name (default: the configured one)."),
+    max_cost: float | None = typer.Option(None, help="Cost ceiling."),
+    max_latency_ms: float | None = typer.Option(None, help="Latency ceiling (ms)."),
+    max_tokens: int | None = typer.Option(None, help="Tokens the answer may use (for estimates)."),
+    config: Path | None = ConfigOpt,
+    home: Path | None = HomeOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Show the routing decision for a query (in-process, no expert is called)."""
+    from concilium.orchestrator.objective import Objective
+    from concilium.orchestrator.schemas import RoutingOptions
+    from concilium.orchestrator.service import build_service
+
+    cfg = _config(config, home=home)
+    try:
+        svc = build_service(cfg, seed=False)
+        opts = RoutingOptions(max_cost=max_cost, max_latency_ms=max_latency_ms)
+        routed = svc.orchestrator.route(
+            query,
+            model=f"router-{router}" if router else "auto",
+            objective=Objective.from_options(opts),
+            max_tokens=max_tokens,
+        )
+    except ConciliumError as e:
+        _fail(str(e))
+    d = routed.decision
+    data = {
+        "decision_id": d.decision_id,
+        "router": d.router,
+        "expert": d.expert,
+        "experts": list(d.experts),
+        "confidence": d.confidence,
+        "reason": d.reason,
+        "scores": dict(sorted(d.scores.items(), key=lambda kv: -kv[1])),
+        "estimated_cost": routed.candidates[d.expert].est_cost,
+        "estimated_latency_ms": routed.candidates[d.expert].est_latency_ms,
+    }
+    if as_json:
+        out.print_json(data=data)
+        return
+    out.print(f"[bold]{d.expert}[/bold] via {d.router} (confidence {d.confidence:.3f}): {d.reason}")
+    for name, score in list(data["scores"].items())[:5]:
+        out.print(f"  {score:+.4f}  {name}")
+
+
+@app.command()
+def chat(
+    query: str,
+    url: str = typer.Option("http://127.0.0.1:8000", help="Gateway URL."),
+    model: str = typer.Option("auto", help="auto | router-<name> | <expert> | <base>:<adapter>"),
+    max_tokens: int | None = typer.Option(None, help="Answer length cap."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Send one chat message to a running gateway and print the answer and its routing."""
+    import httpx
+
+    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": query}]}
+    if max_tokens:
+        body["max_tokens"] = max_tokens
+    try:
+        r = httpx.post(url.rstrip("/") + "/v1/chat/completions", json=body, timeout=120)
+    except httpx.HTTPError as e:
+        _fail(f"cannot reach {url}: {e}")
+    data = r.json()
+    if r.status_code >= 400:
+        _fail(f"HTTP {r.status_code}: {data.get('error', {}).get('message', r.text)}")
+    if as_json:
+        out.print_json(data=data)
+        return
+    rt = data["routing"]
+    out.print(data["choices"][0]["message"]["content"], highlight=False)
+    out.print(
+        f"[dim]{rt['expert']} via {rt['router']} · confidence {rt['confidence']:.3f} · "
+        f"cost {rt['cost']:.6f} · {rt['latency_ms']:.0f} ms[/dim]"
+    )
+
+
+# -- pack ----------------------------------------------------------------------------------------
+@pack_app.command("build")
+def pack_build(
+    out_dir: Path = typer.Option(Path("demo_pack"), "--out", help="Output directory."),
+    seed: int = typer.Option(0, help="Seed (the build is deterministic given it)."),
+    quick: bool = typer.Option(False, help="Tiny, fast build (tests)."),
+) -> None:
+    """Build the demo expert pack (MoE base + LoRA skill adapters) from a seed."""
+    from concilium.pack.build import build_pack
+
+    path = build_pack(out_dir, seed=seed, quick=quick, progress=lambda m: err.print(m))
+    out.print(f"demo pack written to {path}")
+
+
+def main() -> None:
+    try:
+        app()
+    except InvalidInput as e:  # pragma: no cover - commands catch their own
+        err.print(f"error: {e}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

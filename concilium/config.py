@@ -1,0 +1,107 @@
+"""Service configuration: one pydantic model, loadable from YAML, every field described."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from concilium.errors import ConfigError
+from concilium.routers.query import RouterConfig
+
+
+def default_home() -> Path:
+    """$CONCILIUM_HOME, else ./.concilium."""
+    return Path(os.environ.get("CONCILIUM_HOME", ".concilium"))
+
+
+def _default_routers() -> dict[str, Any]:
+    return {
+        "retriever": {"kind": "retriever"},
+        "category": {"kind": "category"},
+        "random": {"kind": "random"},
+    }
+
+
+class DeploymentConfig(BaseModel):
+    """Ray Serve sizing of the gateway and each expert server (fits 2 cores by default)."""
+
+    model_config = ConfigDict(extra="forbid")
+    gateway_num_cpus: float = Field(default=0.25, gt=0, description="CPUs per gateway replica.")
+    gateway_replicas: int = Field(default=1, ge=1, description="Gateway replicas.")
+    expert_num_cpus: float = Field(default=0.5, gt=0, description="CPUs per expert replica.")
+    expert_replicas: int = Field(default=1, ge=1, description="Replicas per expert server.")
+    max_ongoing_requests: int = Field(default=64, ge=1, description="Per-replica concurrency.")
+
+
+class ServiceConfig(BaseModel):
+    """Everything `concilium serve` and the in-process service need."""
+
+    model_config = ConfigDict(extra="forbid")
+    home: Path = Field(
+        default_factory=default_home, description="Data dir: registry.sqlite and artifacts/."
+    )
+    host: str = Field(default="127.0.0.1", description="Gateway bind address.")
+    port: int = Field(default=8000, ge=1, le=65535, description="Gateway port.")
+    admin_api_key: str | None = Field(
+        default=None,
+        description="Key required for POST/DELETE /v1/experts (env CONCILIUM_ADMIN_KEY wins).",
+    )
+    default_router: str = Field(default="retriever", description="Router used for model 'auto'.")
+    routers: dict[str, RouterConfig] = Field(
+        default_factory=_default_routers,  # type: ignore[arg-type]
+        description="Named query routers (model 'router-<name>').",
+    )
+    pack: Path | None = Field(
+        default=None, description="Demo pack dir to seed an empty registry from (default experts)."
+    )
+    seed_embedder: bool = Field(
+        default=True, description="Register the packaged all-MiniLM-L6-v2 as embed expert 'minilm'."
+    )
+    default_max_tokens: int = Field(
+        default=64, ge=1, le=8192, description="max_tokens when the request gives none."
+    )
+    max_fallbacks: int = Field(default=2, ge=0, description="Fallback experts tried on failure.")
+    max_adapters: int = Field(default=64, ge=1, description="Adapters resident per base model.")
+    batch_window_ms: float = Field(default=2.0, ge=0, description="Mixed-batch collection window.")
+    max_rank: int = Field(default=64, ge=1, description="Largest LoRA rank accepted.")
+    max_adapter_mb: float = Field(default=256, gt=0, description="Largest adapter accepted (MiB).")
+    model_root: Path | None = Field(
+        default=None, description="When set, `model` experts must live under this directory."
+    )
+    deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
+
+    def admin_key(self) -> str | None:
+        return os.environ.get("CONCILIUM_ADMIN_KEY") or self.admin_api_key
+
+
+def load_config(path: Path | None = None, **overrides: Any) -> ServiceConfig:
+    """Read a YAML file (optional) and apply keyword overrides; ConfigError names the bad field."""
+    import yaml
+
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"cannot read config {path}: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config {path} must be a mapping, got {type(loaded).__name__}")
+        data = dict(loaded or {})
+        data = data.get("concilium", data)  # a Serve YAML may nest our section
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        cfg = ServiceConfig.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"invalid config field {loc}: {err['msg']}", field=loc) from None
+    if cfg.default_router not in cfg.routers:
+        raise ConfigError(
+            f"default_router {cfg.default_router!r} is not among the configured "
+            f"routers {sorted(cfg.routers)}",
+            field="default_router",
+        )
+    return cfg

@@ -1,0 +1,78 @@
+"""Build the Serve application from a ServiceConfig; `concilium serve` and `serve run` use it.
+
+``serve run concilium.deployments.builder:app_builder config=configs/demo.yaml`` or, in a Serve
+YAML, ``import_path: concilium.deployments.builder:app_builder`` with ``args: {config: ...}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from concilium.config import ServiceConfig, load_config
+from concilium.deployments.expert_server import ExpertServer
+from concilium.deployments.gateway import Gateway
+from concilium.registry.specs import ModelSpec
+
+
+def build_app(cfg: ServiceConfig) -> Application:
+    """Seed the registry, then one ExpertServer per local generative model plus the Gateway."""
+    from concilium.orchestrator.service import build_service
+
+    svc = build_service(cfg)  # seeds the registry (pack + embedder) in the driver
+    dep = cfg.deployment
+    experts: dict[str, Any] = {}
+    for rec in svc.registry.list():
+        s = rec.spec
+        if isinstance(s, ModelSpec) and s.task == "generate":
+            experts[s.path] = ExpertServer.options(
+                name=f"expert-{s.name}",
+                num_replicas=dep.expert_replicas,
+                ray_actor_options={"num_cpus": dep.expert_num_cpus},
+                max_ongoing_requests=dep.max_ongoing_requests,
+            ).bind(s.path, cfg.max_adapters, cfg.batch_window_ms)
+    gateway = Gateway.options(
+        num_replicas=dep.gateway_replicas,
+        ray_actor_options={"num_cpus": dep.gateway_num_cpus},
+    )
+    return gateway.bind(cfg.model_dump(mode="json"), experts)
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """Serve's `import_path` entry: args may carry `config` (a YAML path) and field overrides."""
+    args = dict(args)
+    path = args.pop("config", None)
+    return build_app(load_config(Path(path) if path else None, **args))
+
+
+def run_serve(
+    cfg: ServiceConfig, *, announce: Callable[[ServiceConfig], None] | None = None
+) -> None:
+    """Start local Ray + Serve, run the app on cfg.host:cfg.port, block until Ctrl-C."""
+    import ray
+
+    ray.init(
+        include_dashboard=False,
+        configure_logging=False,
+        log_to_driver=False,
+        ignore_reinit_error=True,
+    )
+    try:
+        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        serve.run(build_app(cfg), name="concilium", route_prefix="/", blocking=False)
+        if announce is not None:
+            announce(cfg)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        with contextlib.suppress(KeyboardInterrupt):
+            stop.wait()
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -1,0 +1,134 @@
+"""In-process expert backend: loads local models lazily, batches concurrent requests per model.
+
+Requests for one base model that arrive within `batch_window_ms` of each other are decoded in one
+mixed-adapter batch (a different adapter per row). Remote experts share one httpx client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from concilium.errors import ExpertFailed
+from concilium.experts.base import Generation, GenParams, Message, Target
+from concilium.experts.embedder import SentenceEncoder
+from concilium.experts.local import GenRequest, LocalCausalLM
+from concilium.experts.remote import RemoteExpert
+
+
+@dataclass
+class _Pending:
+    request: GenRequest
+    future: asyncio.Future[Generation] = field(repr=False)
+
+
+class _Batcher:
+    """Collects requests for one model and runs them as mixed-adapter batches in a thread."""
+
+    def __init__(self, lm: LocalCausalLM, max_batch: int, window_s: float) -> None:
+        self.lm, self.max_batch, self.window_s = lm, max_batch, window_s
+        self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self.task: asyncio.Task[None] | None = None
+
+    async def submit(self, request: GenRequest) -> Generation:
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self._run())
+        fut: asyncio.Future[Generation] = asyncio.get_running_loop().create_future()
+        await self.queue.put(_Pending(request, fut))
+        return await fut
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self.queue.get()]
+            deadline = asyncio.get_running_loop().time() + self.window_s
+            while len(batch) < self.max_batch:
+                timeout = deadline - asyncio.get_running_loop().time()
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), max(timeout, 0)))
+                except TimeoutError:
+                    break
+            live = [p for p in batch if not p.future.done()]
+            try:
+                outs = await asyncio.to_thread(self.lm.generate_batch, [p.request for p in live])
+            except Exception as e:  # deliver to every waiter; the batcher keeps running
+                for p in live:
+                    if not p.future.done():
+                        p.future.set_exception(e)
+                continue
+            for p, g in zip(live, outs, strict=True):
+                if not p.future.done():
+                    p.future.set_result(g)
+
+
+class ExpertPool:
+    """The in-process ExpertBackend."""
+
+    def __init__(
+        self,
+        *,
+        client: httpx.AsyncClient | None = None,
+        max_adapters: int = 64,
+        max_batch: int = 16,
+        batch_window_ms: float = 2.0,
+    ) -> None:
+        self.client = client or httpx.AsyncClient()
+        self.max_adapters = max_adapters
+        self.max_batch = max_batch
+        self.window_s = batch_window_ms / 1000
+        self._models: dict[str, LocalCausalLM] = {}
+        self._encoders: dict[tuple[str, str | None], SentenceEncoder] = {}
+        self._batchers: dict[str, _Batcher] = {}
+        self._lock = threading.Lock()
+
+    def model(self, path: str | Path) -> LocalCausalLM:
+        """The loaded model for a directory (loaded on first use)."""
+        key = str(path)
+        with self._lock:
+            if key not in self._models:
+                self._models[key] = LocalCausalLM(Path(path), max_adapters=self.max_adapters)
+            return self._models[key]
+
+    async def chat(
+        self, target: Target, messages: Sequence[Message], params: GenParams
+    ) -> Generation:
+        if target.remote is not None:
+            return await RemoteExpert(target.remote, self.client).chat(messages, params)
+        if target.model_path is None:
+            raise ExpertFailed(f"expert {target.expert!r} has no runnable model")
+        lm = await asyncio.to_thread(self.model, target.model_path)
+        if target.adapter is not None:
+            assert target.adapter_path is not None
+            await asyncio.to_thread(lm.ensure_adapter, target.adapter, target.adapter_path)
+        key = target.model_path
+        if key not in self._batchers:
+            self._batchers[key] = _Batcher(lm, self.max_batch, self.window_s)
+        return await self._batchers[key].submit(GenRequest(messages, params, target.adapter))
+
+    async def embed(self, target: Target, texts: Sequence[str]) -> list[list[float]]:
+        if target.remote is not None:
+            return await RemoteExpert(target.remote, self.client).embed(texts)
+        if target.model_path is None:
+            raise ExpertFailed(f"expert {target.expert!r} has no runnable model")
+        enc = await asyncio.to_thread(self.encoder, target.model_path, target.adapter_path)
+        vecs = await asyncio.to_thread(enc.encode, list(texts))
+        return vecs.tolist()  # type: ignore[no-any-return]
+
+    def encoder(self, model_path: str, adapter_path: str | None) -> SentenceEncoder:
+        key = (model_path, adapter_path)
+        with self._lock:
+            if key not in self._encoders:
+                self._encoders[key] = SentenceEncoder(
+                    Path(model_path), adapter_dir=Path(adapter_path) if adapter_path else None
+                )
+            return self._encoders[key]
+
+    async def aclose(self) -> None:
+        for b in self._batchers.values():
+            if b.task is not None:
+                b.task.cancel()
+        await self.client.aclose()

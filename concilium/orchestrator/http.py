@@ -1,0 +1,203 @@
+"""The OpenAI-compatible FastAPI app. HTTP status codes for the exception tree live here only."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from concilium import errors as E
+from concilium.orchestrator.schemas import ChatCompletionRequest, EmbeddingRequest, model_card
+from concilium.orchestrator.service import Service
+from concilium.registry.store import ExpertRecord
+
+log = logging.getLogger(__name__)
+
+# most specific first: the first isinstance match wins
+STATUS: list[tuple[type[E.ConciliumError], int]] = [
+    (E.UnknownModel, 404),
+    (E.InvalidInput, 400),
+    (E.NotFound, 404),
+    (E.Conflict, 409),
+    (E.ObjectiveUnsatisfiable, 422),
+    (E.Unauthorized, 401),
+    (E.ExpertTimeout, 504),
+    (E.ExpertUnavailable, 503),
+    (E.ExpertFailed, 502),
+    (E.ConfigError, 500),
+    (E.RegistryError, 500),
+]
+
+
+def status_of(err: E.ConciliumError) -> int:
+    return next((code for cls, code in STATUS if isinstance(err, cls)), 500)
+
+
+def error_body(message: str, err_type: str, field: str | None = None) -> dict[str, Any]:
+    """OpenAI's error envelope; `param` names the offending field."""
+    return {"error": {"message": message, "type": err_type, "param": field, "code": None}}
+
+
+def create_app(service: Service) -> FastAPI:
+    app = FastAPI(title="concilium", version="0.1.0")
+    app.state.service = service
+    _install_error_handlers(app)
+    _inference_routes(app, service)
+    _registry_routes(app, service)
+    return app
+
+
+def _inference_routes(app: FastAPI, service: Service) -> None:
+    orch = service.orchestrator
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        cat = orch.catalogs.get()
+        return {"status": "ok", "registry_version": cat.version, "experts": len(cat.entries)}
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        cat = orch.catalogs.get()
+        data = [model_card("auto", "concilium", router=orch.default_router)]
+        data += [model_card(f"router-{n}", "concilium") for n in sorted(orch.routers)]
+        for e in cat.entries.values():
+            data.append(model_card(e.spec.name, "concilium", kind=e.spec.kind, task=e.spec.task))
+            if e.candidate.base:
+                data.append(
+                    model_card(
+                        f"{e.candidate.base}:{e.spec.name}",
+                        "concilium",
+                        kind="lora",
+                        task=e.spec.task,
+                    )
+                )
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(req: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
+        out = await orch.chat(req)
+        if req.stream:
+            return StreamingResponse(
+                _sse(out.body), media_type="text/event-stream", headers=out.headers
+            )
+        return JSONResponse(out.body, headers=out.headers)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(req: EmbeddingRequest) -> JSONResponse:
+        out = await orch.embeddings(req)
+        return JSONResponse(out.body, headers=out.headers)
+
+
+def _registry_routes(app: FastAPI, service: Service) -> None:
+    orch, registry = service.orchestrator, service.registry
+
+    def admin(request: Request) -> None:
+        key = service.config.admin_key()
+        if key is None:
+            return
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), key.encode()):
+            raise E.Unauthorized("this endpoint needs the admin API key (Authorization: Bearer)")
+
+    @app.post("/v1/experts", status_code=201, dependencies=[Depends(admin)])
+    async def add_expert(request: Request) -> JSONResponse:
+        try:
+            data = await request.json()
+        except ValueError:
+            raise E.InvalidInput("request body must be a JSON expert spec") from None
+        t0 = time.perf_counter()
+        rec = await run_in_threadpool(registry.register, data)
+        orch.catalogs.invalidate()
+        body = record_json(rec) | {"registration_ms": round((time.perf_counter() - t0) * 1e3, 1)}
+        return JSONResponse(body, status_code=201)
+
+    @app.get("/v1/experts")
+    def list_experts() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "version": registry.version(),
+            "data": [record_json(r) for r in registry.list()],
+        }
+
+    @app.get("/v1/experts/{name}")
+    def get_expert(name: str) -> dict[str, Any]:
+        return record_json(registry.get(name))
+
+    @app.delete("/v1/experts/{name}", dependencies=[Depends(admin)])
+    async def delete_expert(name: str) -> dict[str, Any]:
+        version = await run_in_threadpool(registry.remove, name)
+        orch.catalogs.invalidate()
+        return {"deleted": name, "version": version}
+
+
+def record_json(rec: ExpertRecord) -> dict[str, Any]:
+    spec = rec.spec.model_dump(mode="json", exclude={"train_examples"})
+    return {
+        "name": rec.name,
+        "kind": rec.spec.kind,
+        "version": rec.version,
+        "created_at": rec.created_at,
+        "spec": spec,
+        "artifacts": rec.artifacts,
+    }
+
+
+async def _sse(body: dict[str, Any]) -> AsyncIterator[bytes]:
+    """The finished completion as OpenAI chat.completion.chunk events (role, content, finish)."""
+    choice = body["choices"][0]
+    base = {
+        "id": body["id"],
+        "object": "chat.completion.chunk",
+        "created": body["created"],
+        "model": body["model"],
+    }
+    deltas = [
+        ({"role": "assistant", "content": ""}, None),
+        ({"content": choice["message"]["content"]}, None),
+        ({}, choice["finish_reason"]),
+    ]
+    for i, (delta, finish) in enumerate(deltas):
+        chunk = base | {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        if i == len(deltas) - 1:
+            chunk |= {"usage": body["usage"], "routing": body["routing"]}
+        yield f"data: {json.dumps(chunk)}\n\n".encode()
+    yield b"data: [DONE]\n\n"
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(E.ConciliumError)
+    async def concilium_error(request: Request, exc: E.ConciliumError) -> JSONResponse:
+        code = status_of(exc)
+        if code >= 500:
+            log.error("%s %s failed: %s", request.method, request.url.path, exc)
+        return JSONResponse(
+            error_body(exc.message, type(exc).__name__, exc.field), status_code=code
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errs = exc.errors()
+
+        def loc(e: Any) -> str:
+            return ".".join(str(p) for p in e["loc"] if p != "body")
+
+        msg = "; ".join(f"{loc(e) or 'body'}: {e['msg']}" for e in errs)
+        return JSONResponse(
+            error_body(
+                f"invalid request: {msg}", "invalid_request_error", loc(errs[0]) if errs else None
+            ),
+            status_code=400,
+        )
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body("internal error", "internal_error"), status_code=500)

@@ -1,0 +1,87 @@
+"""The per-request objective and the candidate filter it applies before any router runs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from concilium.errors import InvalidInput, ObjectiveUnsatisfiable
+from concilium.orchestrator.schemas import RoutingOptions
+from concilium.routers.base import Candidate
+
+
+@dataclass(frozen=True, slots=True)
+class Objective:
+    """Hard constraints (cost, latency, allowed set) and preferences (quality weight)."""
+
+    max_cost: float | None = None
+    max_latency_ms: float | None = None
+    allowed: frozenset[str] | None = None
+    excluded: frozenset[str] = frozenset()
+    quality_weight: float = 1.0
+    strategy: str = "single"
+    max_experts: int = 1
+
+    @classmethod
+    def from_options(cls, opts: RoutingOptions | None) -> Objective:
+        if opts is None:
+            return cls()
+        return cls(
+            max_cost=opts.max_cost,
+            max_latency_ms=opts.max_latency_ms,
+            allowed=frozenset(opts.allowed_experts) if opts.allowed_experts is not None else None,
+            excluded=frozenset(opts.excluded_experts),
+            quality_weight=1.0 if opts.quality_weight is None else opts.quality_weight,
+            strategy=opts.strategy,
+            max_experts=opts.max_experts,
+        )
+
+    def filter(self, candidates: Sequence[Candidate], known: set[str]) -> list[Candidate]:
+        """Candidates that satisfy every hard constraint; raise naming the constraint that binds."""
+        self._check_names(known)
+        steps: list[tuple[str, str, object]] = [
+            ("routing.allowed_experts", "allowed", self.allowed),
+            ("routing.excluded_experts", "excluded", self.excluded),
+            ("routing.max_cost", "cost", self.max_cost),
+            ("routing.max_latency_ms", "latency", self.max_latency_ms),
+        ]
+        pool = list(candidates)
+        for field, what, value in steps:
+            kept = [c for c in pool if self._admits(what, c)]
+            if not kept:
+                raise ObjectiveUnsatisfiable(_why(field, value, pool), field=field)
+            pool = kept
+        return pool
+
+    def _admits(self, what: str, c: Candidate) -> bool:
+        if what == "allowed":
+            return self.allowed is None or c.name in self.allowed
+        if what == "excluded":
+            return c.name not in self.excluded
+        if what == "cost":
+            return self.max_cost is None or c.est_cost <= self.max_cost
+        # unknown latency (0) cannot be promised under a latency ceiling
+        return self.max_latency_ms is None or 0 < c.est_latency_ms <= self.max_latency_ms
+
+    def _check_names(self, known: set[str]) -> None:
+        for field, names in (
+            ("routing.allowed_experts", self.allowed or ()),
+            ("routing.excluded_experts", self.excluded),
+        ):
+            unknown = sorted(set(names) - known)
+            if unknown:
+                raise InvalidInput(f"{field} names unknown experts {unknown}", field=field)
+
+
+def _why(field: str, value: object, pool: Sequence[Candidate]) -> str:
+    if field == "routing.max_cost":
+        cheapest = min(c.est_cost for c in pool)
+        return (
+            f"no expert satisfies {field}={value}: the cheapest candidate is estimated at "
+            f"{cheapest:.6g}"
+        )
+    if field == "routing.max_latency_ms":
+        known = [c.est_latency_ms for c in pool if c.est_latency_ms > 0]
+        best = f"{min(known):.1f} ms" if known else "unknown for every candidate"
+        return f"no expert satisfies {field}={value}: the fastest estimate is {best}"
+    return f"no candidate expert is left after {field}={sorted(value) if value else value}"

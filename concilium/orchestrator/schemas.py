@@ -1,0 +1,123 @@
+"""OpenAI-compatible request/response models, plus concilium's `routing` options object."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class TokenRouting(BaseModel):
+    """Per-request token-level routing among adapters (served from the token-routing issue on)."""
+
+    model_config = ConfigDict(extra="forbid")
+    router: Literal["phatgoose", "arrow", "none"] = Field(
+        default="none", description="Token router mixing adapters inside the replica."
+    )
+    top_k: int = Field(default=2, ge=1, le=16, description="Adapters mixed per token.")
+    candidates: int | None = Field(
+        default=None,
+        ge=1,
+        description="Adapters kept from the query-level decision (global prior).",
+    )
+
+
+class RoutingOptions(BaseModel):
+    """The caller's objective and routing choices (`extra_body={"routing": {...}}`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_cost: float | None = Field(default=None, ge=0, description="Cost ceiling for this request.")
+    max_latency_ms: float | None = Field(
+        default=None, gt=0, description="Latency ceiling for this request, in milliseconds."
+    )
+    quality_weight: float | None = Field(
+        default=None, ge=0, le=1, description="1 = quality only, 0 = cost only."
+    )
+    strategy: Literal["single", "cascade", "ensemble"] = Field(
+        default="single", description="One expert, an escalating cascade, or a fused ensemble."
+    )
+    max_experts: int = Field(default=1, ge=1, le=16, description="Experts an ensemble may use.")
+    allowed_experts: list[str] | None = Field(
+        default=None, description="Only these experts may answer (and be fallen back to)."
+    )
+    excluded_experts: list[str] = Field(
+        default_factory=list, description="These experts may never answer."
+    )
+    token_routing: TokenRouting | None = Field(
+        default=None, description="Token-level adapter mixing inside the expert replica."
+    )
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        """The message's text; non-text content parts are refused."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        bad = [p.type for p in self.content if p.type != "text"]
+        if bad:
+            raise ValueError(f"content parts of type {bad} are not supported (text only)")
+        return "".join(p.text or "" for p in self.content)
+
+
+class ChatCompletionRequest(BaseModel):
+    """POST /v1/chat/completions. Unknown OpenAI parameters are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(
+        default="auto",
+        min_length=1,
+        description="auto | router-<name> | <expert> | <base>:<adapter>",
+    )
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(default=None, ge=1, le=8192)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=8192)
+    temperature: float = Field(default=0.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    n: int = Field(default=1, ge=1, le=1, description="Only n=1 is supported.")
+    stop: str | list[str] | None = None
+    stream: bool = False
+    seed: int | None = None
+    user: str | None = None
+    routing: RoutingOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_ok(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and (len(v) > 4 or any(not s for s in v)):
+            raise ValueError("stop takes at most 4 non-empty strings")
+        return v
+
+    def stops(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class EmbeddingRequest(BaseModel):
+    """POST /v1/embeddings."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(default="auto", min_length=1)
+    input: str | list[str] = Field(description="Text or list of texts to embed.")
+    encoding_format: Literal["float"] = "float"
+    routing: RoutingOptions | None = None
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+def model_card(model_id: str, owned_by: str, **extra: Any) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": owned_by, **extra}

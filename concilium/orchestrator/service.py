@@ -1,0 +1,165 @@
+"""Composition root: config → encoder, registry, expert backend, routers, orchestrator.
+
+Everything is built here and injected downward; nothing below holds module-level state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from concilium.config import ServiceConfig
+from concilium.errors import ConfigError, Conflict
+from concilium.experts.base import ExpertBackend
+from concilium.orchestrator.pipeline import Orchestrator
+from concilium.registry.index import TextEncoder
+from concilium.registry.registry import Profiler, Registry, RegistryLimits
+from concilium.registry.store import AnySpec, ExpertRecord
+from concilium.routers.query import build_router
+
+log = logging.getLogger(__name__)
+
+EMBEDDER_EXPERT = "minilm"
+
+
+@dataclass
+class Service:
+    config: ServiceConfig
+    registry: Registry
+    backend: ExpertBackend
+    orchestrator: Orchestrator
+
+
+def limits_of(config: ServiceConfig) -> RegistryLimits:
+    return RegistryLimits(
+        max_rank=config.max_rank,
+        max_adapter_bytes=int(config.max_adapter_mb * 1024**2),
+        model_root=config.model_root,
+    )
+
+
+def open_registry(
+    config: ServiceConfig, encoder: TextEncoder | None = None, profiler: Profiler | None = None
+) -> Registry:
+    """The registry alone (CLI `experts` commands): no expert backend is started."""
+    if encoder is None:
+        from concilium.experts.embedder import SentenceEncoder
+
+        encoder = SentenceEncoder()
+    return Registry(config.home, encoder, profiler=profiler, limits=limits_of(config))
+
+
+def pool_profiler(backend: Any) -> Profiler:
+    """Measure a local model's latency once, at registration, by loading it in the pool."""
+
+    def profile(spec: AnySpec, runtime_dir: Path | None) -> dict[str, float]:
+        if runtime_dir is None:
+            return {}
+        return dict(backend.model(runtime_dir).measure_latency())
+
+    return profile
+
+
+def build_service(
+    config: ServiceConfig,
+    *,
+    encoder: TextEncoder | None = None,
+    backend: ExpertBackend | None = None,
+    seed: bool = True,
+) -> Service:
+    if backend is None:
+        from concilium.experts.pool import ExpertPool
+
+        backend = ExpertPool(
+            max_adapters=config.max_adapters, batch_window_ms=config.batch_window_ms
+        )
+    profiler = pool_profiler(backend) if hasattr(backend, "model") else None
+    registry = open_registry(config, encoder, profiler)
+    routers = {name: build_router(cfg) for name, cfg in config.routers.items()}
+    orch = Orchestrator(
+        registry,
+        backend,
+        registry.encoder,
+        routers,
+        config.default_router,
+        default_max_tokens=config.default_max_tokens,
+        max_fallbacks=config.max_fallbacks,
+    )
+    if seed:
+        seed_registry(registry, config)
+    return Service(config=config, registry=registry, backend=backend, orchestrator=orch)
+
+
+def seed_registry(registry: Registry, config: ServiceConfig) -> list[ExpertRecord]:
+    """Fill an empty registry: the demo pack's default experts and the packaged embedder."""
+    added: list[ExpertRecord] = []
+    if config.pack is not None and not registry.list():
+        added += install_pack(registry, config.pack, include_held_out=False)
+    if config.seed_embedder and EMBEDDER_EXPERT not in {r.name for r in registry.list()}:
+        from concilium.experts.embedder import default_model_dir
+
+        added.append(
+            _add_once(
+                registry,
+                {
+                    "kind": "model",
+                    "name": EMBEDDER_EXPERT,
+                    "task": "embed",
+                    "path": str(default_model_dir()),
+                    "description": "General English sentence embeddings (all-MiniLM-L6-v2).",
+                    "params_total": 22_700_000,
+                    "params_active": 22_700_000,
+                    "tags": ["embedding"],
+                },
+            )
+        )
+    return [a for a in added if a is not None]
+
+
+def load_manifest(pack_dir: Path) -> dict[str, Any]:
+    path = Path(pack_dir) / "manifest.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"demo pack manifest {path} unreadable: {e} (build it with `concilium pack build`)"
+        ) from None
+    if not isinstance(data, dict) or "base" not in data or "experts" not in data:
+        raise ConfigError(f"demo pack manifest {path} lacks 'base'/'experts'")
+    return data
+
+
+def pack_expert(pack_dir: Path, name: str) -> dict[str, Any]:
+    """One expert spec of the pack (held-out ones included), paths made absolute."""
+    m = load_manifest(pack_dir)
+    for spec in [m["base"], *m["experts"]]:
+        if spec["name"] == name:
+            return _absolute(spec, Path(pack_dir))
+    raise ConfigError(f"the demo pack has no expert {name!r}")
+
+
+def install_pack(
+    registry: Registry, pack_dir: Path, *, include_held_out: bool
+) -> list[ExpertRecord]:
+    """Register the pack's base model and its (default) adapters; existing names are skipped."""
+    m = load_manifest(pack_dir)
+    specs = [m["base"]] + [e for e in m["experts"] if include_held_out or e.get("default", True)]
+    out = [_add_once(registry, _absolute(s, Path(pack_dir))) for s in specs]
+    return [r for r in out if r is not None]
+
+
+def _absolute(spec: dict[str, Any], pack_dir: Path) -> dict[str, Any]:
+    s = {k: v for k, v in spec.items() if k != "default"}
+    if "path" in s:
+        s["path"] = str((pack_dir / s["path"]).absolute())
+    return s
+
+
+def _add_once(registry: Registry, spec: dict[str, Any]) -> ExpertRecord | None:
+    try:
+        return registry.register(spec)
+    except Conflict:
+        return None

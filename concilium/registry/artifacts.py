@@ -1,0 +1,105 @@
+"""Content-addressed artifact store: adapter files and routing arrays, named by their sha256.
+
+Layout under the store root::
+
+    <sha256>/                 a directory artifact (a validated copy of an adapter)
+    <sha256>.safetensors      an array artifact (pilot / description embeddings, prototypes)
+
+Writes go to a temporary name and are renamed into place, so a crash never leaves a half artifact
+under a content name; the same content written twice is stored once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from concilium.errors import RegistryError
+
+_CHUNK = 1 << 20
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class ArtifactStore:
+    """Immutable blobs keyed by content hash."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, ref: str) -> Path:
+        """Filesystem path of an artifact; the ref must be one this store produced."""
+        name = ref.removesuffix(".safetensors")
+        if len(name) != 64 or any(c not in "0123456789abcdef" for c in name):
+            raise RegistryError(f"malformed artifact ref {ref!r}")
+        p = self.root / ref
+        if not p.exists():
+            raise RegistryError(f"artifact {ref} is missing from {self.root}")
+        return p
+
+    def put_files(self, files: Mapping[str, Path]) -> str:
+        """Copy named files into one directory artifact; returns its ref (the digest)."""
+        h = hashlib.sha256()
+        for name in sorted(files):
+            h.update(f"{name}\0{_file_digest(files[name])}\0".encode())
+        ref = h.hexdigest()
+        dest = self.root / ref
+        if dest.is_dir():
+            return ref
+        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".tmp-"))
+        try:
+            for name, src in files.items():
+                shutil.copyfile(src, tmp / name, follow_symlinks=False)
+            os.replace(tmp, dest)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if dest.is_dir():  # a concurrent writer stored the same content first
+                return ref
+            raise RegistryError(f"cannot store artifact {ref}: {e}") from e
+        return ref
+
+    def put_arrays(self, arrays: Mapping[str, np.ndarray]) -> str:
+        """Store named float arrays as one safetensors artifact; returns its ref."""
+        from safetensors.numpy import save
+
+        blob = save({k: np.ascontiguousarray(v) for k, v in sorted(arrays.items())})
+        ref = hashlib.sha256(blob).hexdigest() + ".safetensors"
+        dest = self.root / ref
+        if not dest.exists():
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(blob)
+            os.replace(tmp, dest)
+        return ref
+
+    def load_arrays(self, ref: str) -> dict[str, np.ndarray]:
+        from safetensors.numpy import load_file
+
+        return load_file(str(self.path(ref)))
+
+    def gc(self, referenced: Iterable[str]) -> list[str]:
+        """Delete artifacts not in `referenced` (and stale temporaries); returns the removed."""
+        keep = set(referenced)
+        removed = []
+        for p in self.root.iterdir():
+            if p.name in keep:
+                continue
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p.name)
+        return removed

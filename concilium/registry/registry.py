@@ -1,0 +1,209 @@
+"""The registry façade: validate → build routing artifacts → store, in one call, no retraining.
+
+``Registry.register`` is the only write path. It validates the spec and its files (safetensors only,
+strict adapter config, shapes against the base, safe URLs), copies adapter files into the
+content-addressed artifact store, embeds the pilot examples and description, records a cost profile,
+and inserts the row, bumping the registry version. If any step fails the SQLite registry is
+unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from concilium.errors import ExpertNotFound, SpecError
+from concilium.registry.artifacts import ArtifactStore
+from concilium.registry.index import PilotIndex, TextEncoder
+from concilium.registry.specs import LoraSpec, ModelSpec, RemoteSpec, parse_spec
+from concilium.registry.store import AnySpec, ExpertRecord, RegistryStore
+
+log = logging.getLogger(__name__)
+
+# (spec, directory holding its runtime files or None) -> {"latency_ms_per_token": .., ...}
+Profiler = Callable[[AnySpec, Path | None], dict[str, float]]
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryLimits:
+    """Caps applied at registration."""
+
+    max_rank: int = 64
+    max_adapter_bytes: int = 256 * 1024**2
+    max_model_bytes: int = 8 * 1024**3
+    model_root: Path | None = None  # when set, model dirs must live under it
+    allow_private_urls: bool = True
+
+
+class Registry:
+    """Registered experts: a SQLite store, an artifact store, and the encoder for pilots."""
+
+    def __init__(
+        self,
+        home: Path,
+        encoder: TextEncoder,
+        *,
+        profiler: Profiler | None = None,
+        limits: RegistryLimits | None = None,
+    ) -> None:
+        self.home = Path(home)
+        self.store = RegistryStore(self.home / "registry.sqlite")
+        self.artifacts = ArtifactStore(self.home / "artifacts")
+        self.encoder = encoder
+        self.profiler = profiler
+        self.limits = limits or RegistryLimits()
+
+    # -- reads -------------------------------------------------------------------------------
+    def version(self) -> int:
+        return self.store.version()
+
+    def get(self, name: str) -> ExpertRecord:
+        return self.store.get(name)
+
+    def list(self) -> list[ExpertRecord]:
+        return self.store.list()
+
+    def runtime_path(self, record: ExpertRecord) -> Path | None:
+        """Directory with the files an expert runs from (adapter copy or model dir)."""
+        if isinstance(record.spec, LoraSpec):
+            return self.artifacts.path(record.artifacts["adapter"])
+        if isinstance(record.spec, ModelSpec):
+            return Path(record.spec.path)
+        return None
+
+    def embeddings(self, record: ExpertRecord) -> dict[str, np.ndarray]:
+        """{"pilots": [P, dim], "description": [1, dim]} for one expert."""
+        return self.artifacts.load_arrays(record.artifacts["embeddings"])
+
+    def build_index(self, records: list[ExpertRecord]) -> PilotIndex:
+        """A fresh pilot index over `records` (derived state: nothing is orphaned by removal)."""
+        index = PilotIndex(self.encoder.dim)
+        for rec in records:
+            pilots = self.embeddings(rec)["pilots"]
+            if len(pilots):
+                index.add(rec.name, pilots)
+        return index
+
+    # -- writes ------------------------------------------------------------------------------
+    def register(
+        self, data: Mapping[str, Any] | AnySpec, *, base_dir: Path | None = None
+    ) -> ExpertRecord:
+        """Validate and add one expert. `base_dir` resolves relative paths in the spec."""
+        spec = data if isinstance(data, ModelSpec | LoraSpec | RemoteSpec) else parse_spec(data)
+        spec = _absolutise(spec, base_dir)
+        if self._exists(spec.name):
+            from concilium.errors import Conflict
+
+            raise Conflict(f"expert {spec.name!r} is already registered", field="name")
+        artifacts, runtime_dir = self._validate_and_copy(spec)
+        artifacts["embeddings"] = self.artifacts.put_arrays(self._embed(spec))
+        artifacts["profile"] = self._profile(spec, runtime_dir)
+        record = self.store.add(spec, artifacts)
+        log.info(
+            "registered expert %s (%s) at registry version %d", spec.name, spec.kind, record.version
+        )
+        return record
+
+    def remove(self, name: str) -> int:
+        """Remove an expert; returns the new registry version."""
+        return self.store.remove(name)
+
+    def gc(self) -> list[str]:
+        """Drop artifacts no registered expert refers to."""
+        refs = {v for r in self.list() for k, v in r.artifacts.items() if k in _REF_KEYS}
+        return self.artifacts.gc(refs)
+
+    # -- steps ------------------------------------------------------------------------------
+    def _exists(self, name: str) -> bool:
+        try:
+            self.store.get(name)
+        except ExpertNotFound:
+            return False
+        return True
+
+    def _validate_and_copy(self, spec: AnySpec) -> tuple[dict[str, Any], Path | None]:
+        from concilium.registry import validate as v
+
+        lim = self.limits
+        if isinstance(spec, RemoteSpec):
+            v.validate_remote_url(spec.url, allow_private=lim.allow_private_urls)
+            return {}, None
+        if isinstance(spec, ModelSpec):
+            info = v.validate_model_dir(
+                Path(spec.path), max_bytes=lim.max_model_bytes, allowed_root=lim.model_root
+            )
+            return {
+                "model": {"model_type": info.model_type, "num_params": info.num_params}
+            }, info.path
+        base = self._base_of(spec)
+        base_info = v.validate_model_dir(Path(base.spec.path), max_bytes=lim.max_model_bytes)
+        ainfo = v.validate_adapter_dir(
+            Path(spec.path), base_info, max_rank=lim.max_rank, max_bytes=lim.max_adapter_bytes
+        )
+        ref = self.artifacts.put_files({f: ainfo.path / f for f in ainfo.files})
+        meta = {
+            "rank": ainfo.rank,
+            "alpha": ainfo.alpha,
+            "num_params": ainfo.num_params,
+            "target_modules": list(ainfo.target_modules),
+        }
+        return {"adapter": ref, "lora": meta}, self.artifacts.path(ref)
+
+    def _base_of(self, spec: LoraSpec) -> ExpertRecord:
+        try:
+            base = self.store.get(spec.base)
+        except ExpertNotFound:
+            raise SpecError(
+                f"base {spec.base!r} of adapter {spec.name!r} is not a registered expert",
+                field="base",
+            ) from None
+        if not isinstance(base.spec, ModelSpec):
+            raise SpecError(
+                f"base {spec.base!r} is a {base.spec.kind} expert, not a model", field="base"
+            )
+        if base.spec.task != spec.task:
+            raise SpecError(
+                f"adapter task {spec.task!r} differs from base task {base.spec.task!r}",
+                field="task",
+            )
+        return base
+
+    def _embed(self, spec: AnySpec) -> dict[str, np.ndarray]:
+        desc = spec.description or spec.name
+        vecs = self.encoder.encode([desc, *spec.examples])  # [1 + P, dim]
+        pilots = vecs[1:] if spec.examples else vecs[:1]
+        return {"pilots": pilots.astype(np.float32), "description": vecs[:1].astype(np.float32)}
+
+    def _profile(self, spec: AnySpec, runtime_dir: Path | None) -> dict[str, Any]:
+        profile: dict[str, Any] = {"measured": False}
+        if isinstance(spec, LoraSpec):
+            profile.update(
+                {
+                    k: v
+                    for k, v in self.store.get(spec.base).artifacts["profile"].items()
+                    if k.startswith("latency")
+                }
+            )
+            profile["inherited_from"] = spec.base
+        elif self.profiler is not None and spec.task == "generate":
+            profile.update(self.profiler(spec, runtime_dir))
+            profile["measured"] = True
+        return profile
+
+
+_REF_KEYS = ("adapter", "embeddings")
+
+
+def _absolutise(spec: AnySpec, base_dir: Path | None) -> AnySpec:
+    """Resolve a relative `path` against base_dir (or the cwd)."""
+    if isinstance(spec, ModelSpec | LoraSpec):
+        p = Path(spec.path).expanduser()
+        if not p.is_absolute():
+            p = (base_dir or Path.cwd()) / p
+        return spec.model_copy(update={"path": str(p.absolute())})
+    return spec

@@ -1,0 +1,135 @@
+"""ExpertSpec: what a caller registers. A pydantic discriminated union on `kind`.
+
+`model`  a local Hugging Face model directory (causal LM; a sentence-transformer for `embed`)
+`lora`   a PEFT LoRA adapter directory on a registered `model` expert (its `base`)
+`remote` an OpenAI-compatible endpoint: URL + model name + the env var holding its API key
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+
+from concilium.errors import SpecError
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+MAX_EXAMPLES = 64
+MAX_TEXT = 2000
+
+
+class _SpecBase(BaseModel):
+    """Fields every expert carries, whatever its kind."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="Unique expert name: lowercase letters, digits, '.', '_', '-'.")
+    task: Literal["generate", "embed"] = Field(
+        default="generate", description="What the expert does: chat generation or embeddings."
+    )
+    description: str = Field(
+        default="", max_length=MAX_TEXT, description="What the expert is good at."
+    )
+    examples: list[Annotated[str, Field(min_length=1, max_length=MAX_TEXT)]] = Field(
+        default_factory=list,
+        max_length=MAX_EXAMPLES,
+        description="Pilot queries this expert answers well (RouterRetriever pilots).",
+    )
+    categories: list[str] = Field(
+        default_factory=list, description="CoE categories this expert serves."
+    )
+    price_in_per_1k: float = Field(
+        default=0.0, ge=0, description="Price per 1k input tokens, in the caller's unit."
+    )
+    price_out_per_1k: float = Field(
+        default=0.0, ge=0, description="Price per 1k output tokens, in the caller's unit."
+    )
+    params_total: int | None = Field(default=None, ge=0, description="Total parameter count.")
+    params_active: int | None = Field(
+        default=None, ge=0, description="Parameters active per token (MoE / adapters)."
+    )
+    tags: list[str] = Field(default_factory=list, description="Free-form labels.")
+    expected_latency_ms: float | None = Field(
+        default=None,
+        gt=0,
+        description="Declared latency of one response (ms); a measured latency wins.",
+    )
+    train_examples: list[dict[str, str]] = Field(
+        default_factory=list,
+        max_length=4096,
+        description="Optional {prompt, completion} pairs for token-router gate training.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(
+                f"name {v!r} must match {NAME_RE.pattern} (lowercase, digits, '.', '_', '-')"
+            )
+        if v.startswith("router-") or v == "auto" or ":" in v:
+            raise ValueError(f"name {v!r} is reserved (auto, router-*, names with ':')")
+        return v
+
+
+class ModelSpec(_SpecBase):
+    """A local Hugging Face model directory."""
+
+    kind: Literal["model"] = "model"
+    path: str = Field(description="Directory with config.json and *.safetensors weights.")
+
+
+class LoraSpec(_SpecBase):
+    """A PEFT LoRA adapter directory on a registered base model expert."""
+
+    kind: Literal["lora"] = "lora"
+    base: str = Field(description="Name of the registered `model` expert this adapter applies to.")
+    path: str = Field(
+        description="Adapter directory: adapter_config.json + adapter_model.safetensors."
+    )
+
+
+class RemoteSpec(_SpecBase):
+    """An OpenAI-compatible remote endpoint."""
+
+    kind: Literal["remote"] = "remote"
+    url: str = Field(description="Base URL of the OpenAI-compatible API, e.g. https://host/v1.")
+    model_name: str = Field(description="The `model` value to send to the remote endpoint.")
+    api_key_env: str | None = Field(
+        default=None, description="Name of the environment variable holding the remote API key."
+    )
+    timeout_s: float = Field(default=30.0, gt=0, le=600, description="Per-request timeout.")
+
+
+ExpertSpec = Annotated[ModelSpec | LoraSpec | RemoteSpec, Field(discriminator="kind")]
+_ADAPTER: TypeAdapter[ModelSpec | LoraSpec | RemoteSpec] = TypeAdapter(ExpertSpec)
+
+
+def parse_spec(data: Any) -> ModelSpec | LoraSpec | RemoteSpec:
+    """Validate a mapping as an ExpertSpec; raise SpecError naming the bad field(s)."""
+    from pydantic import ValidationError
+
+    try:
+        return _ADAPTER.validate_python(data)
+    except ValidationError as e:
+        locs = [_loc(err["loc"], err["type"]) for err in e.errors()]
+        details = "; ".join(
+            f"{loc}: {err['msg']}" for loc, err in zip(locs, e.errors(), strict=True)
+        )
+        raise SpecError(f"invalid expert spec: {details}", field=locs[0]) from None
+
+
+def _loc(loc: tuple[Any, ...], err_type: str) -> str:
+    """Dotted field path without pydantic's union-tag prefix."""
+    if err_type.startswith("union_tag"):
+        return "kind"
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("model", "lora", "remote"):
+        parts = parts[1:]
+    return ".".join(parts) or "kind"
+
+
+def spec_to_dict(spec: ModelSpec | LoraSpec | RemoteSpec) -> dict[str, Any]:
+    """JSON-ready dict of a spec (the inverse of parse_spec)."""
+    return spec.model_dump(mode="json")
