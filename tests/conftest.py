@@ -1,0 +1,91 @@
+"""Shared fixtures: a fast deterministic text encoder, a fake expert backend, the demo pack."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from concilium.experts.base import Generation, GenParams, Message, Target
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+PACK = ROOT / "demo_pack"
+
+
+class HashEncoder:
+    """Bag-of-words hashing encoder: texts sharing words are similar. Deterministic, instant."""
+
+    def __init__(self, dim: int = 64) -> None:
+        self._dim = dim
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def name(self) -> str:
+        return "hash"
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        out = np.zeros((len(texts), self._dim), dtype=np.float32)
+        for i, t in enumerate(texts):
+            for w in re.findall(r"[a-z0-9]+", t.lower()):
+                h = int(hashlib.md5(w.encode()).hexdigest(), 16)
+                out[i, h % self._dim] += 1.0 if (h >> 64) & 1 else -1.0
+            n = np.linalg.norm(out[i])
+            out[i] = out[i] / n if n > 0 else out[i]
+        return out
+
+
+class FakeBackend:
+    """Records what it was asked; answers '<expert>:<last user text>'; can be told to fail."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[Message], GenParams]] = []
+        self.fail: set[str] = set()
+
+    async def chat(self, target: Target, messages: Sequence[Message], params: GenParams) -> Generation:
+        from concilium.errors import ExpertUnavailable
+
+        self.calls.append((target.expert, list(messages), params))
+        if target.expert in self.fail:
+            raise ExpertUnavailable(f"{target.expert} is down")
+        text = f"{target.expert}:{messages[-1]['content']}"
+        return Generation(text=text, prompt_tokens=10, completion_tokens=5, finish_reason="stop")
+
+    async def embed(self, target: Target, texts: Sequence[str]) -> list[list[float]]:
+        return [[float(len(t)), 1.0] for t in texts]
+
+    async def aclose(self) -> None:
+        return None
+
+
+@pytest.fixture
+def encoder() -> HashEncoder:
+    return HashEncoder()
+
+
+@pytest.fixture
+def backend() -> FakeBackend:
+    return FakeBackend()
+
+
+def remote_spec(name: str, examples: list[str], **kw: object) -> dict[str, object]:
+    """A remote expert spec (no files needed): handy for routing and HTTP tests."""
+    return {"kind": "remote", "name": name, "url": "http://127.0.0.1:9/v1", "model_name": name,
+            "description": f"{name} expert", "examples": examples, **kw}
+
+
+@pytest.fixture(scope="session")
+def pack_dir() -> Path:
+    if not (PACK / "manifest.json").is_file():
+        pytest.skip("demo pack not built (make pack)")
+    return PACK

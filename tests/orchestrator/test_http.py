@@ -1,0 +1,186 @@
+"""The OpenAI-compatible app end to end over real registry + routers, with a fake expert backend."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from concilium.config import load_config
+from concilium.orchestrator.http import create_app
+from concilium.orchestrator.service import build_service
+from tests.conftest import FakeBackend, HashEncoder, remote_spec
+
+ADMIN = {"Authorization": "Bearer s3cret"}
+EXPERTS = [
+    remote_spec("reverse", ["reverse the word", "spell the word backwards"],
+                price_in_per_1k=0.1, price_out_per_1k=0.2, params_active=1000,
+                expected_latency_ms=200, categories=["strings"]),
+    remote_spec("math", ["add the numbers", "what is the sum of numbers"],
+                price_in_per_1k=1.0, price_out_per_1k=2.0, expected_latency_ms=900,
+                categories=["arithmetic"]),
+    remote_spec("embedder", ["embed text"], task="embed"),
+]
+
+
+@pytest.fixture
+def client(tmp_path: Path, backend: FakeBackend) -> Iterator[TestClient]:
+    cfg = load_config(None, home=tmp_path, admin_api_key="s3cret", seed_embedder=False)
+    svc = build_service(cfg, encoder=HashEncoder(), backend=backend, seed=False)
+    for s in EXPERTS:
+        svc.registry.register(s)
+    with TestClient(create_app(svc)) as c:
+        yield c
+
+
+def chat(c: TestClient, content: str, **body: object):  # type: ignore[no-untyped-def]
+    return c.post("/v1/chat/completions",
+                  json={"messages": [{"role": "user", "content": content}], **body})
+
+
+def test_auto_routes_and_reports_routing(client: TestClient, backend: FakeBackend) -> None:
+    r = chat(client, "please reverse the word planet")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"]["content"] == "reverse:please reverse the word planet"
+    rt = body["routing"]
+    assert rt["expert"] == "reverse" and rt["router"] == "retriever"
+    assert set(rt["scores"]) == {"reverse", "math"}  # embed experts are not chat candidates
+    assert rt["active_parameters"] == 1000 and rt["cost"] == pytest.approx((10 * 0.1 + 5 * 0.2) / 1000)
+    h = r.headers
+    assert h["x-concilium-expert"] == "reverse" and h["x-concilium-router"] == "retriever"
+    assert h["x-concilium-decision-id"] == rt["decision_id"]
+    assert json.loads(h["x-concilium-scores"])["reverse"] == rt["scores"]["reverse"]
+    for k in ("x-concilium-confidence", "x-concilium-cost", "x-concilium-active-params",
+              "x-concilium-latency-ms", "x-concilium-estimated-cost"):
+        assert h[k] != ""
+    assert backend.calls[-1][0] == "reverse"
+
+
+def test_model_grammar(client: TestClient) -> None:
+    assert chat(client, "reverse it", model="math").json()["routing"]["expert"] == "math"
+    assert chat(client, "add", model="router-random").json()["routing"]["router"] == "random"
+    r = chat(client, "x", model="router-nope")
+    assert r.status_code == 404 and "router-nope" in r.json()["error"]["message"]
+    r = chat(client, "x", model="gpt-4")
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    r = chat(client, "x", model="demo:reverse")
+    assert r.status_code == 404 and "not an adapter" in r.json()["error"]["message"]
+    r = chat(client, "x", model="embedder")
+    assert r.status_code == 400 and "embed expert" in r.json()["error"]["message"]
+
+
+def test_objective_filters_and_unsatisfiable_is_422(client: TestClient) -> None:
+    r = chat(client, "add the numbers 2 and 3", routing={"excluded_experts": ["math"]})
+    assert r.json()["routing"]["expert"] == "reverse"
+    r = chat(client, "add the numbers", routing={"max_cost": 1e-9})
+    assert r.status_code == 422
+    assert r.json()["error"]["param"] == "routing.max_cost" and "max_cost" in r.text
+    r = chat(client, "add the numbers", model="math", routing={"max_latency_ms": 300})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "routing.max_latency_ms"
+    r = chat(client, "x", routing={"allowed_experts": ["ghost"]})
+    assert r.status_code == 400 and "ghost" in r.text
+
+
+def test_fallback_stays_inside_the_allowed_set(client: TestClient, backend: FakeBackend) -> None:
+    backend.fail.add("reverse")
+    r = chat(client, "reverse the word")
+    assert r.status_code == 200 and r.json()["routing"]["expert"] == "math"
+    assert r.json()["routing"]["fallbacks"] == ["math"]
+    r = chat(client, "reverse the word", routing={"allowed_experts": ["reverse"]})
+    assert r.status_code == 503 and "down" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+        ({"messages": [{"role": "user", "content": "x"}], "temperature": 5}, "temperature"),
+        ({"messages": [{"role": "user", "content": "x"}], "n": 3}, "n"),
+        ({"messages": [{"role": "user", "content": "x"}], "routing": {"max_cost": -1}},
+         "routing.max_cost"),
+        ({"messages": [{"role": "user", "content": "x"}], "routing": {"bogus": 1}},
+         "routing.bogus"),
+        ({"messages": [{"role": "user", "content": "x"}], "routing": {"strategy": "ensemble"}},
+         "routing.strategy"),
+    ],
+)
+def test_bad_requests_are_400_naming_the_field(client: TestClient, body: dict, param: str) -> None:
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_non_json_body_is_400(client: TestClient) -> None:
+    r = client.post("/v1/chat/completions", content=b"{not json",
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 400
+
+
+def test_streaming_emits_openai_chunks(client: TestClient) -> None:
+    with client.stream("POST", "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "reverse the word"}], "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["x-concilium-expert"] == "reverse"
+        lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(ln[6:]) for ln in lines[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == "reverse:reverse the word" and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_models_lists_routers_and_experts(client: TestClient) -> None:
+    ids = {m["id"] for m in client.get("/v1/models").json()["data"]}
+    assert {"auto", "router-retriever", "router-category", "router-random", "reverse",
+            "math", "embedder"} <= ids
+
+
+def test_expert_admin_needs_the_key(client: TestClient) -> None:
+    spec = remote_spec("upper", ["make it upper case"])
+    assert client.post("/v1/experts", json=spec).status_code == 401
+    assert client.post("/v1/experts", json=spec, headers={"Authorization": "Bearer no"}
+                       ).status_code == 401
+    r = client.post("/v1/experts", json=spec, headers=ADMIN)
+    assert r.status_code == 201 and r.json()["name"] == "upper"
+    assert client.post("/v1/experts", json=spec, headers=ADMIN).status_code == 409
+    assert chat(client, "make it upper case please").json()["routing"]["expert"] == "upper"
+    assert client.delete("/v1/experts/upper").status_code == 401
+    assert client.delete("/v1/experts/upper", headers=ADMIN).status_code == 200
+    assert client.get("/v1/experts/upper").status_code == 404
+    assert "upper" not in {e["name"] for e in client.get("/v1/experts").json()["data"]}
+    assert chat(client, "make it upper case please").json()["routing"]["expert"] != "upper"
+
+
+@pytest.mark.parametrize(
+    ("spec", "param"),
+    [
+        ({"kind": "remote", "name": "x"}, "url"),
+        ({"kind": "alien", "name": "x"}, "kind"),
+        (remote_spec("x", [], url="file:///etc/passwd"), None),
+    ],
+)
+def test_bad_registration_is_4xx_and_registry_unchanged(client: TestClient, spec: dict,
+                                                        param: str | None) -> None:
+    before = client.get("/v1/experts").json()["version"]
+    r = client.post("/v1/experts", json=spec, headers=ADMIN)
+    assert r.status_code == 400, r.text
+    if param:
+        assert r.json()["error"]["param"] == param
+    assert client.get("/v1/experts").json()["version"] == before
+
+
+def test_embeddings_route_among_embed_experts(client: TestClient) -> None:
+    r = client.post("/v1/embeddings", json={"input": ["hello", "abc"]})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["routing"]["expert"] == "embedder" and len(body["data"]) == 2
+    assert body["data"][1]["embedding"] == [3.0, 1.0]
+    assert client.post("/v1/embeddings", json={"input": []}).status_code == 400
+
+
+def test_health(client: TestClient) -> None:
+    assert client.get("/health").json() == {"status": "ok", "registry_version": 3, "experts": 3}
