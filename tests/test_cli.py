@@ -1,0 +1,74 @@
+"""CLI: clear errors with exit code 2, JSON output, offline registry commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from concilium.cli import app
+from concilium.registry.registry import Registry
+from tests.conftest import HashEncoder, remote_spec
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    reg = Registry(tmp_path, HashEncoder())
+    reg.register(remote_spec("alpha", ["one"], categories=["c1"]))
+    reg.register(remote_spec("beta", ["two"]))
+    return tmp_path
+
+
+def test_list_and_show(home: Path) -> None:
+    r = runner.invoke(app, ["experts", "list", "--home", str(home), "--json"])
+    assert r.exit_code == 0, r.output
+    assert [e["name"] for e in json.loads(r.output)] == ["alpha", "beta"]
+    r = runner.invoke(app, ["experts", "show", "alpha", "--home", str(home)])
+    assert r.exit_code == 0 and json.loads(r.output)["spec"]["categories"] == ["c1"]
+
+
+def test_rm_then_missing_is_exit_2(home: Path) -> None:
+    assert runner.invoke(app, ["experts", "rm", "beta", "--home", str(home)]).exit_code == 0
+    r = runner.invoke(app, ["experts", "rm", "beta", "--home", str(home)])
+    assert r.exit_code == 2 and "beta" in r.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["experts", "add", "/nonexistent/spec.json"],
+        ["experts", "add"],
+        ["experts", "show", "ghost"],
+        ["experts", "add", "--from-pack", "ghost", "--pack", "/nonexistent"],
+        ["serve", "--port", "0"],
+        ["chat", "hi", "--url", "http://127.0.0.1:9"],
+        ["nonsense-command"],
+    ],
+)
+def test_bad_input_exits_2_without_traceback(home: Path, args: list[str]) -> None:
+    if args[0] in ("experts",) and args[1] in ("add", "show"):
+        args = [*args, "--home", str(home)]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output
+
+
+def test_bad_config_file_is_exit_2(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("default_router: nope\n")
+    r = runner.invoke(app, ["experts", "list", "--config", str(cfg)])
+    assert r.exit_code == 2 and "default_router" in r.output
+    cfg.write_text("port: [1, 2]\n")
+    r = runner.invoke(app, ["experts", "list", "--config", str(cfg)])
+    assert r.exit_code == 2 and "port" in r.output
+
+
+def test_add_spec_file_with_relative_path_is_rejected_cleanly(home: Path, tmp_path: Path) -> None:
+    spec = tmp_path / "s.json"
+    spec.write_text(json.dumps({"kind": "lora", "name": "ad", "base": "alpha", "path": "nowhere"}))
+    r = runner.invoke(app, ["experts", "add", str(spec), "--home", str(home)])
+    assert r.exit_code == 2 and "alpha" in r.output  # alpha is a remote expert, not a model
