@@ -89,8 +89,7 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServiceConfig:
             raise ConfigError(f"cannot read config {path}: {e}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config {path} must be a mapping, got {type(loaded).__name__}")
-        data = dict(loaded or {})
-        data = data.get("concilium", data)  # a Serve YAML may nest our section
+        data = _our_section(dict(loaded or {}))
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
         cfg = ServiceConfig.model_validate(data)
@@ -105,3 +104,16 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServiceConfig:
             field="default_router",
         )
     return cfg
+
+
+def _our_section(data: dict[str, Any]) -> dict[str, Any]:
+    """Our settings from a plain config, or from a Serve YAML's first application args."""
+    http: dict[str, Any] = {}
+    if "applications" in data:
+        http = {k: v for k, v in (data.get("http_options") or {}).items() if k in ("host", "port")}
+        apps = data["applications"] or [{}]
+        data = dict(apps[0].get("args") or {})
+    section = data.get("concilium", data)
+    if not isinstance(section, dict):
+        raise ConfigError("the 'concilium' config section must be a mapping")
+    return http | dict(section)

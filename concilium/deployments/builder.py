@@ -26,6 +26,9 @@ def build_app(cfg: ServiceConfig) -> Application:
     """Seed the registry, then one ExpertServer per local generative model plus the Gateway."""
     from concilium.orchestrator.service import build_service
 
+    # replicas may not share the driver's working directory: pin every path now
+    cfg = cfg.model_copy(update={"home": cfg.home.absolute(),
+                                 "pack": cfg.pack.absolute() if cfg.pack else None})
     svc = build_service(cfg)  # seeds the registry (pack + embedder) in the driver
     dep = cfg.deployment
     experts: dict[str, Any] = {}
@@ -49,7 +52,8 @@ def app_builder(args: dict[str, Any]) -> Application:
     """Serve's `import_path` entry: args may carry `config` (a YAML path) and field overrides."""
     args = dict(args)
     path = args.pop("config", None)
-    return build_app(load_config(Path(path) if path else None, **args))
+    overrides = dict(args.pop("concilium", None) or {}) | args
+    return build_app(load_config(Path(path) if path else None, **overrides))
 
 
 def run_serve(
