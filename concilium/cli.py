@@ -247,7 +247,7 @@ def route(
     except ConciliumError as e:
         _fail(str(e))
     d = routed.decision
-    data = {
+    data: dict[str, Any] = {
         "decision_id": d.decision_id,
         "router": d.router,
         "expert": d.expert,

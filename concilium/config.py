@@ -51,7 +51,7 @@ class ServiceConfig(BaseModel):
     )
     default_router: str = Field(default="retriever", description="Router used for model 'auto'.")
     routers: dict[str, RouterConfig] = Field(
-        default_factory=_default_routers,  # type: ignore[arg-type]
+        default_factory=_default_routers,
         description="Named query routers (model 'router-<name>').",
     )
     pack: Path | None = Field(

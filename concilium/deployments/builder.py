@@ -27,21 +27,22 @@ def build_app(cfg: ServiceConfig) -> Application:
     from concilium.orchestrator.service import build_service
 
     # replicas may not share the driver's working directory: pin every path now
-    cfg = cfg.model_copy(update={"home": cfg.home.absolute(),
-                                 "pack": cfg.pack.absolute() if cfg.pack else None})
+    cfg = cfg.model_copy(
+        update={"home": cfg.home.absolute(), "pack": cfg.pack.absolute() if cfg.pack else None}
+    )
     svc = build_service(cfg)  # seeds the registry (pack + embedder) in the driver
     dep = cfg.deployment
     experts: dict[str, Any] = {}
     for rec in svc.registry.list():
         s = rec.spec
         if isinstance(s, ModelSpec) and s.task == "generate":
-            experts[s.path] = ExpertServer.options(
+            experts[s.path] = ExpertServer.options(  # type: ignore[attr-defined]
                 name=f"expert-{s.name}",
                 num_replicas=dep.expert_replicas,
                 ray_actor_options={"num_cpus": dep.expert_num_cpus},
                 max_ongoing_requests=dep.max_ongoing_requests,
             ).bind(s.path, cfg.max_adapters, cfg.batch_window_ms)
-    gateway = Gateway.options(
+    gateway = Gateway.options(  # type: ignore[attr-defined]
         num_replicas=dep.gateway_replicas,
         ray_actor_options={"num_cpus": dep.gateway_num_cpus},
     )

@@ -29,7 +29,8 @@ class RayBackend:
         handle = self.handles.get(target.model_path or "")
         if handle is None:  # remote experts, or a model registered after this app was built
             return await self.local.chat(target, messages, params)
-        return await handle.chat.remote(target, list(messages), params)  # type: ignore[no-any-return]
+        gen: Generation = await handle.chat.remote(target, list(messages), params)
+        return gen
 
     async def embed(self, target: Target, texts: Sequence[str]) -> list[list[float]]:
         return await self.local.embed(target, texts)

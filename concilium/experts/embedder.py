@@ -46,7 +46,10 @@ class SentenceEncoder:
             self._model.load_adapter(str(adapter_dir))
         self._lock = threading.Lock()  # the torch module is not safe to call concurrently
         self.batch_size = batch_size
-        self._dim = int(self._model.get_embedding_dimension())
+        dim = self._model.get_embedding_dimension()
+        if not dim:
+            raise ConfigError(f"{self.model_dir} does not declare an embedding dimension")
+        self._dim = int(dim)
         self._name = self.model_dir.name if adapter_dir is None else f"{self.model_dir.name}+lora"
 
     @property

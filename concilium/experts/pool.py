@@ -116,7 +116,7 @@ class ExpertPool:
             raise ExpertFailed(f"expert {target.expert!r} has no runnable model")
         enc = await asyncio.to_thread(self.encoder, target.model_path, target.adapter_path)
         vecs = await asyncio.to_thread(enc.encode, list(texts))
-        return vecs.tolist()  # type: ignore[no-any-return]
+        return [[float(x) for x in row] for row in vecs]
 
     def encoder(self, model_path: str, adapter_path: str | None) -> SentenceEncoder:
         key = (model_path, adapter_path)

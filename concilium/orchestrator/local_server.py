@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
+from typing import Any
 
 from concilium.config import ServiceConfig
 
@@ -20,5 +23,16 @@ def run_local(
         uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
     )
     if announce is not None:
-        app.add_event_handler("startup", lambda: announce(cfg))
+        threading.Thread(
+            target=_announce_when_up, args=(server, cfg, announce), daemon=True
+        ).start()
     server.run()
+
+
+def _announce_when_up(
+    server: Any, cfg: ServiceConfig, announce: Callable[[ServiceConfig], None]
+) -> None:
+    while not server.started and not server.should_exit:
+        time.sleep(0.05)
+    if server.started:
+        announce(cfg)

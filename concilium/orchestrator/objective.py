@@ -84,4 +84,5 @@ def _why(field: str, value: object, pool: Sequence[Candidate]) -> str:
         known = [c.est_latency_ms for c in pool if c.est_latency_ms > 0]
         best = f"{min(known):.1f} ms" if known else "unknown for every candidate"
         return f"no expert satisfies {field}={value}: the fastest estimate is {best}"
-    return f"no candidate expert is left after {field}={sorted(value) if value else value}"
+    shown = sorted(value) if isinstance(value, frozenset) else value
+    return f"no candidate expert is left after {field}={shown}"

@@ -101,22 +101,21 @@ def seed_registry(registry: Registry, config: ServiceConfig) -> list[ExpertRecor
     if config.seed_embedder and EMBEDDER_EXPERT not in {r.name for r in registry.list()}:
         from concilium.experts.embedder import default_model_dir
 
-        added.append(
-            _add_once(
-                registry,
-                {
-                    "kind": "model",
-                    "name": EMBEDDER_EXPERT,
-                    "task": "embed",
-                    "path": str(default_model_dir()),
-                    "description": "General English sentence embeddings (all-MiniLM-L6-v2).",
-                    "params_total": 22_700_000,
-                    "params_active": 22_700_000,
-                    "tags": ["embedding"],
-                },
-            )
+        rec = _add_once(
+            registry,
+            {
+                "kind": "model",
+                "name": EMBEDDER_EXPERT,
+                "task": "embed",
+                "path": str(default_model_dir()),
+                "description": "General English sentence embeddings (all-MiniLM-L6-v2).",
+                "params_total": 22_700_000,
+                "params_active": 22_700_000,
+                "tags": ["embedding"],
+            },
         )
-    return [a for a in added if a is not None]
+        added += [rec] if rec is not None else []
+    return added
 
 
 def load_manifest(pack_dir: Path) -> dict[str, Any]:

@@ -9,6 +9,8 @@ unchanged.
 
 from __future__ import annotations
 
+import builtins
+
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -65,7 +67,7 @@ class Registry:
     def get(self, name: str) -> ExpertRecord:
         return self.store.get(name)
 
-    def list(self) -> list[ExpertRecord]:
+    def list(self) -> builtins.list[ExpertRecord]:
         return self.store.list()
 
     def runtime_path(self, record: ExpertRecord) -> Path | None:
@@ -80,7 +82,7 @@ class Registry:
         """{"pilots": [P, dim], "description": [1, dim]} for one expert."""
         return self.artifacts.load_arrays(record.artifacts["embeddings"])
 
-    def build_index(self, records: list[ExpertRecord]) -> PilotIndex:
+    def build_index(self, records: builtins.list[ExpertRecord]) -> PilotIndex:
         """A fresh pilot index over `records` (derived state: nothing is orphaned by removal)."""
         index = PilotIndex(self.encoder.dim)
         for rec in records:
@@ -113,7 +115,7 @@ class Registry:
         """Remove an expert; returns the new registry version."""
         return self.store.remove(name)
 
-    def gc(self) -> list[str]:
+    def gc(self) -> builtins.list[str]:
         """Drop artifacts no registered expert refers to."""
         refs = {v for r in self.list() for k, v in r.artifacts.items() if k in _REF_KEYS}
         return self.artifacts.gc(refs)
@@ -140,8 +142,9 @@ class Registry:
             return {
                 "model": {"model_type": info.model_type, "num_params": info.num_params}
             }, info.path
-        base = self._base_of(spec)
-        base_info = v.validate_model_dir(Path(base.spec.path), max_bytes=lim.max_model_bytes)
+        base = self._base_of(spec).spec
+        assert isinstance(base, ModelSpec)
+        base_info = v.validate_model_dir(Path(base.path), max_bytes=lim.max_model_bytes)
         ainfo = v.validate_adapter_dir(
             Path(spec.path), base_info, max_rank=lim.max_rank, max_bytes=lim.max_adapter_bytes
         )

@@ -7,6 +7,8 @@ same transaction, which is how readers (gateways, routers) notice that they must
 
 from __future__ import annotations
 
+import builtins
+
 import json
 import sqlite3
 import time
@@ -148,7 +150,7 @@ class RegistryStore:
             raise ExpertNotFound(f"no expert named {name!r}")
         return _record(row)
 
-    def list(self) -> list[ExpertRecord]:
+    def list(self) -> builtins.list[ExpertRecord]:
         """All experts, oldest first."""
         with self._connect() as db:
             rows = db.execute(
@@ -156,7 +158,7 @@ class RegistryStore:
             ).fetchall()
         return [_record(r) for r in rows]
 
-    def snapshot(self) -> tuple[int, list[ExpertRecord]]:
+    def snapshot(self) -> tuple[int, builtins.list[ExpertRecord]]:
         """Version and records read in one transaction (consistent with each other)."""
         with self._connect() as db:
             db.execute("BEGIN")

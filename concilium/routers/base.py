@@ -68,6 +68,9 @@ class QueryRouter(ABC):
 
     kind: ClassVar[str]
 
+    def __init__(self, config: Any = None) -> None:
+        self.config = config
+
     @property
     def name(self) -> str:
         return self.kind

@@ -32,9 +32,13 @@ def test_chat_success_sends_openai_body_and_key(monkeypatch: pytest.MonkeyPatch)
     def handler(req: httpx.Request) -> httpx.Response:
         seen["url"], seen["auth"] = str(req.url), req.headers.get("authorization")
         seen["body"] = json.loads(req.content)
-        return httpx.Response(200, json={"choices": [{"message": {"content": "yo"},
-                                                      "finish_reason": "length"}],
-                                         "usage": {"prompt_tokens": 3, "completion_tokens": 1}})
+        return httpx.Response(
+            200,
+            json={
+                "choices": [{"message": {"content": "yo"}, "finish_reason": "length"}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 1},
+            },
+        )
 
     g = run(handler, lambda e: e.chat(MSGS, GenParams(max_tokens=7, stop=("\n",))))
     assert (g.text, g.prompt_tokens, g.completion_tokens, g.finish_reason) == ("yo", 3, 1, "length")
@@ -46,10 +50,16 @@ def test_chat_success_sends_openai_body_and_key(monkeypatch: pytest.MonkeyPatch)
 @pytest.mark.parametrize(
     ("handler", "exc", "match"),
     [
-        (lambda r: (_ for _ in ()).throw(httpx.ReadTimeout("slow", request=r)), ExpertTimeout,
-         "timed out"),
-        (lambda r: (_ for _ in ()).throw(httpx.ConnectError("refused", request=r)),
-         ExpertUnavailable, "unreachable"),
+        (
+            lambda r: (_ for _ in ()).throw(httpx.ReadTimeout("slow", request=r)),
+            ExpertTimeout,
+            "timed out",
+        ),
+        (
+            lambda r: (_ for _ in ()).throw(httpx.ConnectError("refused", request=r)),
+            ExpertUnavailable,
+            "unreachable",
+        ),
         (lambda r: httpx.Response(503, text="busy"), ExpertUnavailable, "503"),
         (lambda r: httpx.Response(429, text="slow down"), ExpertUnavailable, "429"),
         (lambda r: httpx.Response(401, text="bad key"), ExpertFailed, "401"),
@@ -64,7 +74,8 @@ def test_failures_map_to_the_exception_tree(handler, exc, match) -> None:  # typ
 
 def test_embeddings_are_ordered_by_index() -> None:
     def handler(req: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, json={"data": [{"index": 1, "embedding": [2.0]},
-                                                  {"index": 0, "embedding": [1.0]}]})
+        return httpx.Response(
+            200, json={"data": [{"index": 1, "embedding": [2.0]}, {"index": 0, "embedding": [1.0]}]}
+        )
 
     assert run(handler, lambda e: e.embed(["a", "b"])) == [[1.0], [2.0]]

@@ -1,0 +1,81 @@
+"""In-process end to end on the demo pack with the real encoder: route, answer, live registration."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from concilium.config import load_config
+from concilium.orchestrator.http import create_app
+from concilium.orchestrator.service import build_service, pack_expert
+
+ADMIN = {"Authorization": "Bearer k"}
+
+
+@pytest.fixture(scope="module")
+def setup(pack_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:  # type: ignore[type-arg]
+    home = tmp_path_factory.mktemp("home")
+    cfg = load_config(None, home=home, pack=pack_dir, admin_api_key="k")
+    svc = build_service(cfg)
+    manifest = json.loads((pack_dir / "manifest.json").read_text())
+    rows = [json.loads(x) for x in (pack_dir / "heldout.jsonl").read_text().splitlines() if x]
+    with TestClient(create_app(svc)) as client:
+        yield client, manifest, rows, svc
+
+
+def _ask(client: TestClient, q: str, **kw: object) -> dict:  # type: ignore[type-arg]
+    r = client.post(
+        "/v1/chat/completions",
+        json={"model": "auto", "messages": [{"role": "user", "content": q}], **kw},
+    )
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_seeded_registry_has_the_default_experts_only(setup: tuple) -> None:  # type: ignore[type-arg]
+    client, manifest, _, _ = setup
+    names = {e["name"] for e in client.get("/v1/experts").json()["data"]}
+    default = {e["name"] for e in manifest["experts"] if e["default"]}
+    held = {e["name"] for e in manifest["experts"] if not e["default"]}
+    assert default <= names and not (held & names) and len(held) >= 2
+    assert manifest["base"]["name"] in names and "minilm" in names
+
+
+def test_auto_answers_each_default_skill(setup: tuple) -> None:  # type: ignore[type-arg]
+    client, manifest, rows, _ = setup
+    for e in [e for e in manifest["experts"] if e["default"]][:4]:
+        row = next(r for r in rows if r["skill"] == e["name"])
+        body = _ask(client, row["query"])
+        assert body["routing"]["expert"] == e["name"]
+        assert body["choices"][0]["message"]["content"] == row["answer"]
+        assert body["routing"]["active_parameters"] > 0
+
+
+def test_live_registration_routes_the_next_query(setup: tuple) -> None:  # type: ignore[type-arg]
+    client, manifest, rows, svc = setup
+    held = next(e for e in manifest["experts"] if not e["default"])
+    row = next(r for r in rows if r["skill"] == held["name"])
+    before = _ask(client, row["query"])
+    assert before["routing"]["expert"] != held["name"]
+    spec = pack_expert(Path(svc.config.pack), held["name"])  # type: ignore[arg-type]
+    r = client.post("/v1/experts", json=spec, headers=ADMIN)
+    assert r.status_code == 201, r.text
+    t0 = time.perf_counter()
+    after = _ask(client, row["query"])
+    elapsed = time.perf_counter() - t0
+    assert after["routing"]["expert"] == held["name"]
+    assert after["choices"][0]["message"]["content"] == row["answer"]
+    print(f"registration->first routed answer: {elapsed * 1000:.0f} ms")
+
+
+def test_embeddings_with_the_packaged_encoder(setup: tuple) -> None:  # type: ignore[type-arg]
+    client = setup[0]
+    r = client.post("/v1/embeddings", json={"model": "minilm", "input": ["a cat", "a dog"]})
+    assert r.status_code == 200
+    vecs = [d["embedding"] for d in r.json()["data"]]
+    assert len(vecs) == 2 and len(vecs[0]) == 384
