@@ -97,6 +97,13 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServiceConfig:
         err = e.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
         raise ConfigError(f"invalid config field {loc}: {err['msg']}", field=loc) from None
+    loopback = cfg.host in ("127.0.0.1", "localhost", "::1") or cfg.host.startswith("127.")
+    if not loopback and cfg.admin_key() is None:
+        raise ConfigError(
+            f"host {cfg.host!r} is not loopback: set admin_api_key (or CONCILIUM_ADMIN_KEY) so "
+            "expert registration is not open to the network",
+            field="admin_api_key",
+        )
     if cfg.default_router not in cfg.routers:
         raise ConfigError(
             f"default_router {cfg.default_router!r} is not among the configured "

@@ -72,3 +72,13 @@ def test_add_spec_file_with_relative_path_is_rejected_cleanly(home: Path, tmp_pa
     spec.write_text(json.dumps({"kind": "lora", "name": "ad", "base": "alpha", "path": "nowhere"}))
     r = runner.invoke(app, ["experts", "add", str(spec), "--home", str(home)])
     assert r.exit_code == 2 and "alpha" in r.output  # alpha is a remote expert, not a model
+
+
+def test_non_loopback_bind_needs_an_admin_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    from concilium.config import load_config
+    from concilium.errors import ConfigError
+
+    monkeypatch.delenv("CONCILIUM_ADMIN_KEY", raising=False)
+    with pytest.raises(ConfigError, match="admin_api_key"):
+        load_config(None, host="0.0.0.0")
+    assert load_config(None, host="0.0.0.0", admin_api_key="k").host == "0.0.0.0"

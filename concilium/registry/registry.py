@@ -183,7 +183,13 @@ class Registry:
         return {"pilots": pilots.astype(np.float32), "description": vecs[:1].astype(np.float32)}
 
     def _profile(self, spec: AnySpec, runtime_dir: Path | None) -> dict[str, Any]:
-        profile: dict[str, Any] = {"measured": False}
+        profile: dict[str, Any] = {
+            "measured": False,
+            "params_total": spec.params_total,
+            "params_active": spec.params_active,
+            "price_in_per_1k": spec.price_in_per_1k,
+            "price_out_per_1k": spec.price_out_per_1k,
+        }
         if isinstance(spec, LoraSpec):
             profile.update(
                 {
