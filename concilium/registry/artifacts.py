@@ -85,6 +85,14 @@ class ArtifactStore:
             os.replace(tmp, dest)
         return ref
 
+    def discard(self, ref: str) -> None:
+        """Remove one artifact (a copy that failed its post-copy validation)."""
+        p = self.path(ref)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
     def load_arrays(self, ref: str) -> dict[str, np.ndarray]:
         from safetensors.numpy import load_file
 

@@ -10,7 +10,6 @@ unchanged.
 from __future__ import annotations
 
 import builtins
-
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from concilium.errors import ExpertNotFound, SpecError
+from concilium.errors import AdapterRejected, ExpertNotFound, SpecError
 from concilium.registry.artifacts import ArtifactStore
 from concilium.registry.index import PilotIndex, TextEncoder
 from concilium.registry.specs import LoraSpec, ModelSpec, RemoteSpec, parse_spec
@@ -144,11 +143,22 @@ class Registry:
             }, info.path
         base = self._base_of(spec).spec
         assert isinstance(base, ModelSpec)
-        base_info = v.validate_model_dir(Path(base.path), max_bytes=lim.max_model_bytes)
-        ainfo = v.validate_adapter_dir(
-            Path(spec.path), base_info, max_rank=lim.max_rank, max_bytes=lim.max_adapter_bytes
+        base_info = v.validate_model_dir(
+            Path(base.path), max_bytes=lim.max_model_bytes, allowed_root=lim.model_root
         )
+
+        def check(path: Path) -> v.AdapterInfo:
+            return v.validate_adapter_dir(
+                path, base_info, max_rank=lim.max_rank, max_bytes=lim.max_adapter_bytes
+            )
+
+        ainfo = check(Path(spec.path))
         ref = self.artifacts.put_files({f: ainfo.path / f for f in ainfo.files})
+        try:  # validate the stored copy too: the source may have changed after the first check
+            ainfo = check(self.artifacts.path(ref))
+        except AdapterRejected:
+            self.artifacts.discard(ref)
+            raise
         meta = {
             "rank": ainfo.rank,
             "alpha": ainfo.alpha,
