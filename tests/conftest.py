@@ -52,7 +52,9 @@ class FakeBackend:
         self.calls: list[tuple[str, list[Message], GenParams]] = []
         self.fail: set[str] = set()
 
-    async def chat(self, target: Target, messages: Sequence[Message], params: GenParams) -> Generation:
+    async def chat(
+        self, target: Target, messages: Sequence[Message], params: GenParams
+    ) -> Generation:
         from concilium.errors import ExpertUnavailable
 
         self.calls.append((target.expert, list(messages), params))
@@ -80,8 +82,15 @@ def backend() -> FakeBackend:
 
 def remote_spec(name: str, examples: list[str], **kw: object) -> dict[str, object]:
     """A remote expert spec (no files needed): handy for routing and HTTP tests."""
-    return {"kind": "remote", "name": name, "url": "http://127.0.0.1:9/v1", "model_name": name,
-            "description": f"{name} expert", "examples": examples, **kw}
+    return {
+        "kind": "remote",
+        "name": name,
+        "url": "http://127.0.0.1:9/v1",
+        "model_name": name,
+        "description": f"{name} expert",
+        "examples": examples,
+        **kw,
+    }
 
 
 @pytest.fixture(scope="session")

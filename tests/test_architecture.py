@@ -45,8 +45,10 @@ def test_importing_every_non_deployment_module_leaves_ray_unloaded() -> None:
 
 
 def test_import_concilium_is_cheap() -> None:
-    code = "import concilium, sys, json; print(json.dumps([m for m in ('torch', 'transformers', " \
+    code = (
+        "import concilium, sys, json; print(json.dumps([m for m in ('torch', 'transformers', "
         "'ray', 'faiss', 'sentence_transformers') if m in sys.modules]))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip()) == []
 
@@ -54,10 +56,26 @@ def test_import_concilium_is_cheap() -> None:
 def test_public_surface_is_sorted_and_pinned() -> None:
     assert concilium.__all__ == sorted(concilium.__all__)
     assert set(concilium.__all__) == {
-        "AdapterRejected", "Candidate", "ConciliumError", "ConfigError", "Conflict",
-        "ExpertFailed", "ExpertNotFound", "InvalidInput", "LoraSpec", "ModelSpec",
-        "ObjectiveUnsatisfiable", "Query", "QueryRouter", "RemoteSpec", "RouteDecision",
-        "ServiceConfig", "UnsafeURL", "__version__", "load_config", "parse_spec",
+        "AdapterRejected",
+        "Candidate",
+        "ConciliumError",
+        "ConfigError",
+        "Conflict",
+        "ExpertFailed",
+        "ExpertNotFound",
+        "InvalidInput",
+        "LoraSpec",
+        "ModelSpec",
+        "ObjectiveUnsatisfiable",
+        "Query",
+        "QueryRouter",
+        "RemoteSpec",
+        "RouteDecision",
+        "ServiceConfig",
+        "UnsafeURL",
+        "__version__",
+        "load_config",
+        "parse_spec",
     }
     for name in concilium.__all__:
         assert hasattr(concilium, name)

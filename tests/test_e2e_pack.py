@@ -1,4 +1,4 @@
-"""In-process end to end on the demo pack with the real encoder: route, answer, live registration."""
+"""In-process end to end on the demo pack, real encoder: route, answer, live registration."""
 
 from __future__ import annotations
 

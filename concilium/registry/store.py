@@ -8,7 +8,6 @@ same transaction, which is how readers (gateways, routers) notice that they must
 from __future__ import annotations
 
 import builtins
-
 import json
 import sqlite3
 import time

@@ -16,12 +16,23 @@ from tests.conftest import FakeBackend, HashEncoder, remote_spec
 
 ADMIN = {"Authorization": "Bearer s3cret"}
 EXPERTS = [
-    remote_spec("reverse", ["reverse the word", "spell the word backwards"],
-                price_in_per_1k=0.1, price_out_per_1k=0.2, params_active=1000,
-                expected_latency_ms=200, categories=["strings"]),
-    remote_spec("math", ["add the numbers", "what is the sum of numbers"],
-                price_in_per_1k=1.0, price_out_per_1k=2.0, expected_latency_ms=900,
-                categories=["arithmetic"]),
+    remote_spec(
+        "reverse",
+        ["reverse the word", "spell the word backwards"],
+        price_in_per_1k=0.1,
+        price_out_per_1k=0.2,
+        params_active=1000,
+        expected_latency_ms=200,
+        categories=["strings"],
+    ),
+    remote_spec(
+        "math",
+        ["add the numbers", "what is the sum of numbers"],
+        price_in_per_1k=1.0,
+        price_out_per_1k=2.0,
+        expected_latency_ms=900,
+        categories=["arithmetic"],
+    ),
     remote_spec("embedder", ["embed text"], task="embed"),
 ]
 
@@ -37,8 +48,9 @@ def client(tmp_path: Path, backend: FakeBackend) -> Iterator[TestClient]:
 
 
 def chat(c: TestClient, content: str, **body: object):  # type: ignore[no-untyped-def]
-    return c.post("/v1/chat/completions",
-                  json={"messages": [{"role": "user", "content": content}], **body})
+    return c.post(
+        "/v1/chat/completions", json={"messages": [{"role": "user", "content": content}], **body}
+    )
 
 
 def test_auto_routes_and_reports_routing(client: TestClient, backend: FakeBackend) -> None:
@@ -50,13 +62,20 @@ def test_auto_routes_and_reports_routing(client: TestClient, backend: FakeBacken
     rt = body["routing"]
     assert rt["expert"] == "reverse" and rt["router"] == "retriever"
     assert set(rt["scores"]) == {"reverse", "math"}  # embed experts are not chat candidates
-    assert rt["active_parameters"] == 1000 and rt["cost"] == pytest.approx((10 * 0.1 + 5 * 0.2) / 1000)
+    assert rt["active_parameters"] == 1000 and rt["cost"] == pytest.approx(
+        (10 * 0.1 + 5 * 0.2) / 1000
+    )
     h = r.headers
     assert h["x-concilium-expert"] == "reverse" and h["x-concilium-router"] == "retriever"
     assert h["x-concilium-decision-id"] == rt["decision_id"]
     assert json.loads(h["x-concilium-scores"])["reverse"] == rt["scores"]["reverse"]
-    for k in ("x-concilium-confidence", "x-concilium-cost", "x-concilium-active-params",
-              "x-concilium-latency-ms", "x-concilium-estimated-cost"):
+    for k in (
+        "x-concilium-confidence",
+        "x-concilium-cost",
+        "x-concilium-active-params",
+        "x-concilium-latency-ms",
+        "x-concilium-estimated-cost",
+    ):
         assert h[k] != ""
     assert backend.calls[-1][0] == "reverse"
 
@@ -102,12 +121,18 @@ def test_fallback_stays_inside_the_allowed_set(client: TestClient, backend: Fake
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
         ({"messages": [{"role": "user", "content": "x"}], "temperature": 5}, "temperature"),
         ({"messages": [{"role": "user", "content": "x"}], "n": 3}, "n"),
-        ({"messages": [{"role": "user", "content": "x"}], "routing": {"max_cost": -1}},
-         "routing.max_cost"),
-        ({"messages": [{"role": "user", "content": "x"}], "routing": {"bogus": 1}},
-         "routing.bogus"),
-        ({"messages": [{"role": "user", "content": "x"}], "routing": {"strategy": "ensemble"}},
-         "routing.strategy"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "routing": {"max_cost": -1}},
+            "routing.max_cost",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "routing": {"bogus": 1}},
+            "routing.bogus",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "routing": {"strategy": "ensemble"}},
+            "routing.strategy",
+        ),
     ],
 )
 def test_bad_requests_are_400_naming_the_field(client: TestClient, body: dict, param: str) -> None:
@@ -117,33 +142,48 @@ def test_bad_requests_are_400_naming_the_field(client: TestClient, body: dict, p
 
 
 def test_non_json_body_is_400(client: TestClient) -> None:
-    r = client.post("/v1/chat/completions", content=b"{not json",
-                    headers={"content-type": "application/json"})
+    r = client.post(
+        "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert r.status_code == 400
 
 
 def test_streaming_emits_openai_chunks(client: TestClient) -> None:
-    with client.stream("POST", "/v1/chat/completions", json={
-        "messages": [{"role": "user", "content": "reverse the word"}], "stream": True}) as r:
+    with client.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "reverse the word"}], "stream": True},
+    ) as r:
         assert r.status_code == 200 and r.headers["x-concilium-expert"] == "reverse"
         lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
     chunks = [json.loads(ln[6:]) for ln in lines[:-1]]
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
-    assert text == "reverse:reverse the word" and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert (
+        text == "reverse:reverse the word" and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    )
 
 
 def test_models_lists_routers_and_experts(client: TestClient) -> None:
     ids = {m["id"] for m in client.get("/v1/models").json()["data"]}
-    assert {"auto", "router-retriever", "router-category", "router-random", "reverse",
-            "math", "embedder"} <= ids
+    assert {
+        "auto",
+        "router-retriever",
+        "router-category",
+        "router-random",
+        "reverse",
+        "math",
+        "embedder",
+    } <= ids
 
 
 def test_expert_admin_needs_the_key(client: TestClient) -> None:
     spec = remote_spec("upper", ["make it upper case"])
     assert client.post("/v1/experts", json=spec).status_code == 401
-    assert client.post("/v1/experts", json=spec, headers={"Authorization": "Bearer no"}
-                       ).status_code == 401
+    assert (
+        client.post("/v1/experts", json=spec, headers={"Authorization": "Bearer no"}).status_code
+        == 401
+    )
     r = client.post("/v1/experts", json=spec, headers=ADMIN)
     assert r.status_code == 201 and r.json()["name"] == "upper"
     assert client.post("/v1/experts", json=spec, headers=ADMIN).status_code == 409
@@ -163,8 +203,9 @@ def test_expert_admin_needs_the_key(client: TestClient) -> None:
         (remote_spec("x", [], url="file:///etc/passwd"), None),
     ],
 )
-def test_bad_registration_is_4xx_and_registry_unchanged(client: TestClient, spec: dict,
-                                                        param: str | None) -> None:
+def test_bad_registration_is_4xx_and_registry_unchanged(
+    client: TestClient, spec: dict, param: str | None
+) -> None:
     before = client.get("/v1/experts").json()["version"]
     r = client.post("/v1/experts", json=spec, headers=ADMIN)
     assert r.status_code == 400, r.text

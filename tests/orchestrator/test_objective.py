@@ -15,8 +15,15 @@ from concilium.routers.base import Candidate
 
 def cand(name: str, cost: float, latency: float) -> Candidate:
     z = np.zeros((1, 4), dtype=np.float32)
-    return Candidate(name=name, kind="remote", task="generate", pilots=z, description=z[0],
-                     est_cost=cost, est_latency_ms=latency)
+    return Candidate(
+        name=name,
+        kind="remote",
+        task="generate",
+        pilots=z,
+        description=z[0],
+        est_cost=cost,
+        est_latency_ms=latency,
+    )
 
 
 POOL = [cand("cheap", 0.001, 900.0), cand("fast", 0.05, 50.0), cand("unknown", 0.002, 0.0)]
@@ -43,8 +50,10 @@ def test_cost_and_latency_ceilings() -> None:
         (Objective(max_cost=0.0001), "routing.max_cost"),
         (Objective(max_latency_ms=10), "routing.max_latency_ms"),
         (Objective(max_cost=0.01, max_latency_ms=100), "routing.max_latency_ms"),
-        (Objective(allowed=frozenset({"fast"}), excluded=frozenset({"fast"})),
-         "routing.excluded_experts"),
+        (
+            Objective(allowed=frozenset({"fast"}), excluded=frozenset({"fast"})),
+            "routing.excluded_experts",
+        ),
     ],
 )
 def test_unsatisfiable_names_the_binding_field(objective: Objective, field: str) -> None:
@@ -54,13 +63,14 @@ def test_unsatisfiable_names_the_binding_field(objective: Objective, field: str)
 
 
 def test_unknown_expert_names_are_invalid_input() -> None:
-    with pytest.raises(InvalidInput, match="routing.allowed_experts.*nope"):
+    with pytest.raises(InvalidInput, match=r"routing.allowed_experts.*nope"):
         Objective(allowed=frozenset({"nope"})).filter(POOL, NAMES)
 
 
 def test_from_options() -> None:
-    o = Objective.from_options(RoutingOptions(max_cost=1, allowed_experts=["a"],
-                                              excluded_experts=["b"]))
+    o = Objective.from_options(
+        RoutingOptions(max_cost=1, allowed_experts=["a"], excluded_experts=["b"])
+    )
     assert o.max_cost == 1 and o.allowed == {"a"} and o.excluded == {"b"}
 
 
@@ -72,9 +82,13 @@ def test_from_options() -> None:
     max_lat=st.none() | st.floats(1, 2000),
     allowed_mask=st.lists(st.booleans(), min_size=8, max_size=8),
 )
-def test_property_filter_never_violates(costs: list[float], lats: list[float],
-                                        max_cost: float | None, max_lat: float | None,
-                                        allowed_mask: list[bool]) -> None:
+def test_property_filter_never_violates(
+    costs: list[float],
+    lats: list[float],
+    max_cost: float | None,
+    max_lat: float | None,
+    allowed_mask: list[bool],
+) -> None:
     pool = [cand(f"e{i}", c, lats[i]) for i, c in enumerate(costs)]
     allowed = frozenset(c.name for c, ok in zip(pool, allowed_mask, strict=False) if ok)
     obj = Objective(max_cost=max_cost, max_latency_ms=max_lat, allowed=allowed)

@@ -15,36 +15,56 @@ from tests.registry.conftest import TinyMoe
 
 
 def _registry(tmp_path: Path, tiny_moe: TinyMoe) -> Registry:
-    reg = Registry(tmp_path / "home", HashEncoder(),
-                   profiler=lambda spec, d: {"latency_ms_per_token": 2.0,
-                                             "latency_ms_overhead": 5.0})
-    reg.register({"kind": "model", "name": "tiny", "path": str(tiny_moe.base_dir),
-                  "description": "tiny base", "params_total": tiny_moe.num_params})
+    reg = Registry(
+        tmp_path / "home",
+        HashEncoder(),
+        profiler=lambda spec, d: {"latency_ms_per_token": 2.0, "latency_ms_overhead": 5.0},
+    )
+    reg.register(
+        {
+            "kind": "model",
+            "name": "tiny",
+            "path": str(tiny_moe.base_dir),
+            "description": "tiny base",
+            "params_total": tiny_moe.num_params,
+        }
+    )
     return reg
 
 
 def test_lora_is_copied_content_addressed_with_profile(tmp_path: Path, tiny_moe: TinyMoe) -> None:
     reg = _registry(tmp_path, tiny_moe)
-    rec = reg.register({"kind": "lora", "name": "ad", "base": "tiny",
-                        "path": str(tiny_moe.lora_dir), "examples": ["a", "b"]})
+    rec = reg.register(
+        {
+            "kind": "lora",
+            "name": "ad",
+            "base": "tiny",
+            "path": str(tiny_moe.lora_dir),
+            "examples": ["a", "b"],
+        }
+    )
     stored = reg.runtime_path(rec)
     assert stored is not None and stored.parent == reg.artifacts.root
-    assert sorted(p.name for p in stored.iterdir()) == ["adapter_config.json",
-                                                        "adapter_model.safetensors"]
+    assert sorted(p.name for p in stored.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     assert rec.artifacts["lora"]["rank"] == 4
     assert rec.artifacts["lora"]["num_params"] == tiny_moe.lora_params
     assert rec.artifacts["profile"]["latency_ms_per_token"] == 2.0  # inherited from the base
     assert reg.get("tiny").artifacts["profile"]["measured"] is True
     # the same content registered under a second name is stored once
-    rec2 = reg.register({"kind": "lora", "name": "ad2", "base": "tiny",
-                         "path": str(tiny_moe.lora_dir)})
+    rec2 = reg.register(
+        {"kind": "lora", "name": "ad2", "base": "tiny", "path": str(tiny_moe.lora_dir)}
+    )
     assert rec2.artifacts["adapter"] == rec.artifacts["adapter"]
     with pytest.raises(Conflict):
         reg.remove("tiny")  # adapters still use it
 
 
-def test_rejected_adapter_leaves_registry_and_store_unchanged(tmp_path: Path,
-                                                              tiny_moe: TinyMoe) -> None:
+def test_rejected_adapter_leaves_registry_and_store_unchanged(
+    tmp_path: Path, tiny_moe: TinyMoe
+) -> None:
     reg = _registry(tmp_path, tiny_moe)
     bad = tmp_path / "bad"
     shutil.copytree(tiny_moe.lora_dir, bad)
@@ -56,7 +76,7 @@ def test_rejected_adapter_leaves_registry_and_store_unchanged(tmp_path: Path,
     save_file(tensors, str(bad / "adapter_model.safetensors"))
     version = reg.version()
     before = sorted(p.name for p in reg.artifacts.root.iterdir())
-    with pytest.raises(AdapterRejected, match="non-finite|NaN"):
+    with pytest.raises(AdapterRejected, match=r"non-finite|NaN"):
         reg.register({"kind": "lora", "name": "nan", "base": "tiny", "path": str(bad)})
     assert reg.version() == version and [r.name for r in reg.list()] == ["tiny"]
     assert sorted(p.name for p in reg.artifacts.root.iterdir()) == before

@@ -12,8 +12,14 @@ ENC = HashEncoder()
 
 
 def _cand(name: str, pilots: list[str], cats: tuple[str, ...]) -> Candidate:
-    return Candidate(name=name, kind="lora", task="generate", pilots=ENC.encode(pilots),
-                     description=ENC.encode([name])[0], categories=cats)
+    return Candidate(
+        name=name,
+        kind="lora",
+        task="generate",
+        pilots=ENC.encode(pilots),
+        description=ENC.encode([name])[0],
+        categories=cats,
+    )
 
 
 CANDS = [

@@ -26,8 +26,14 @@ PILOTS = {
 
 def candidates() -> list[Candidate]:
     return [
-        Candidate(name=n, kind="lora", task="generate", pilots=ENC.encode(p),
-                  description=ENC.encode([n])[0], categories=(f"cat-{n}",))
+        Candidate(
+            name=n,
+            kind="lora",
+            task="generate",
+            pilots=ENC.encode(p),
+            description=ENC.encode([n])[0],
+            categories=(f"cat-{n}",),
+        )
         for n, p in PILOTS.items()
     ]
 
@@ -59,8 +65,10 @@ def test_similarity_routers_pick_the_matching_expert(kind: str) -> None:
     router = build_router(SAMPLE_CONFIG[kind])
     cands = candidates()
     router.prepare(cands)
-    for text, want in [("flip this word backwards", "reverse"), ("what is the sum of 2 and 9",
-                                                                   "math")]:
+    for text, want in [
+        ("flip this word backwards", "reverse"),
+        ("what is the sum of 2 and 9", "math"),
+    ]:
         assert router.route(Query(text, ENC.encode([text])[0]), cands).expert == want
 
 

@@ -1,0 +1,158 @@
+"""Directory checks shared by model and adapter validation: walk, link and file-type rules.
+
+Nothing here follows a symlink while walking (``lstat`` only). ``walk`` lists every file and
+symlink under a directory (capped at ``MAX_ENTRIES``); ``refuse_links`` is the adapter rule (no
+symlink at all), ``resolve_links`` the model rule (each link must resolve to a regular file inside
+a fence); ``refuse_unsafe_files`` rejects pickle-based and code files by suffix. JSON files are
+read with a size cap and parsed strictly (``safetensors_check.loads_strict``).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from concilium.errors import AdapterRejected
+from concilium.registry.safetensors_check import loads_strict, read_bytes
+
+__all__ = [
+    "CODE_SUFFIXES",
+    "MAX_ENTRIES",
+    "MAX_JSON_BYTES",
+    "PICKLE_SUFFIXES",
+    "Entry",
+    "check_dir",
+    "json_object",
+    "load_json",
+    "refuse_links",
+    "refuse_unsafe_files",
+    "resolve_links",
+    "total_bytes",
+    "walk",
+]
+
+PICKLE_SUFFIXES = frozenset(
+    {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz"}
+)
+CODE_SUFFIXES = frozenset({".py", ".pyc", ".so", ".pyd"})
+MAX_ENTRIES = 10_000
+MAX_JSON_BYTES = 32 * 1024**2
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    rel: str  # '/'-separated path relative to the validated directory
+    path: Path  # where to read it (a symlink's resolved target for model dirs)
+    is_link: bool
+    size: int
+
+
+def check_dir(path: Path, allowed_root: Path | None, what: str) -> Path:
+    """The resolved directory, refused when missing, a symlink, or outside `allowed_root`."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        raise AdapterRejected(f"{path}: {what} directory not found") from None
+    if stat.S_ISLNK(mode):
+        raise AdapterRejected(f"{path}: {what} directory is a symlink; give the real path")
+    if not stat.S_ISDIR(mode):
+        raise AdapterRejected(f"{path}: not a directory")
+    real = path.resolve()
+    if allowed_root is not None and not real.is_relative_to(allowed_root.resolve()):
+        raise AdapterRejected(
+            f"{path}: resolves to {real}, outside the allowed root {allowed_root.resolve()}"
+        )
+    return real
+
+
+def walk(root: Path) -> list[Entry]:
+    """Every file and symlink under `root` (lstat only: nothing is followed)."""
+    out: list[Entry] = []
+    stack = [root]
+    while stack:
+        for item in _scandir(stack.pop()):
+            p = Path(item.path)
+            mode, size = (st := item.stat(follow_symlinks=False)).st_mode, st.st_size
+            rel = p.relative_to(root).as_posix()
+            if stat.S_ISDIR(mode):
+                stack.append(p)
+            elif stat.S_ISLNK(mode) or stat.S_ISREG(mode):
+                out.append(Entry(rel, p, stat.S_ISLNK(mode), 0 if stat.S_ISLNK(mode) else size))
+            else:
+                raise AdapterRejected(f"{rel}: not a regular file, directory or symlink")
+        if len(out) + len(stack) > MAX_ENTRIES:
+            raise AdapterRejected(f"{root}: more than {MAX_ENTRIES} entries")
+    return sorted(out, key=lambda e: e.rel)
+
+
+def _scandir(d: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(d) as it:
+            return list(it)
+    except OSError as e:
+        raise AdapterRejected(f"{d}: cannot list directory ({e.strerror})") from None
+
+
+def refuse_unsafe_files(entries: list[Entry]) -> None:
+    for e in entries:
+        suffix = PurePosixPath(e.rel).suffix.lower()
+        if suffix in PICKLE_SUFFIXES:
+            raise AdapterRejected(
+                f"{e.rel}: pickle-based files ({suffix}) are not allowed; use .safetensors"
+            )
+        if suffix in CODE_SUFFIXES:
+            raise AdapterRejected(f"{e.rel}: code files ({suffix}) are not allowed")
+
+
+def refuse_links(entries: list[Entry], root: Path) -> None:
+    for e in entries:
+        if e.is_link:
+            inside = e.path.resolve().is_relative_to(root)
+            where = "inside the directory" if inside else "escapes the adapter directory"
+            raise AdapterRejected(
+                f"{e.rel}: symlink to {os.readlink(e.path)} ({where}); "
+                "adapter directories may not contain symlinks"
+            )
+
+
+def resolve_links(entries: list[Entry], fence: Path) -> list[Entry]:
+    """Model dirs: each symlink replaced by its target, which must be a regular file in `fence`."""
+    out = []
+    for e in entries:
+        if not e.is_link:
+            out.append(e)
+            continue
+        target = e.path.resolve()
+        if not target.is_relative_to(fence):
+            raise AdapterRejected(f"{e.rel}: symlink to {target} escapes {fence}")
+        try:
+            st = os.stat(target)
+        except OSError:
+            raise AdapterRejected(f"{e.rel}: dangling symlink to {target}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise AdapterRejected(f"{e.rel}: symlink to {target}, which is not a regular file")
+        out.append(Entry(e.rel, target, False, st.st_size))
+    return out
+
+
+def total_bytes(path: Path, entries: list[Entry], max_bytes: int) -> int:
+    total = sum(e.size for e in entries)
+    if total > max_bytes:
+        raise AdapterRejected(
+            f"{path}: {total} bytes in {len(entries)} files exceeds the size cap of {max_bytes}"
+        )
+    return total
+
+
+def load_json(e: Entry) -> Any:
+    return loads_strict(e.rel, read_bytes(e.path, e.rel, max_bytes=MAX_JSON_BYTES), "content")
+
+
+def json_object(e: Entry) -> dict[str, Any]:
+    obj = load_json(e)
+    if not isinstance(obj, dict):
+        raise AdapterRejected(f"{e.rel}: must be a JSON object, got {type(obj).__name__}")
+    return obj
