@@ -90,6 +90,13 @@ def _registry(config: Path | None, home: Path | None) -> Any:
     return open_registry(_config(config, home=home))
 
 
+def _store(config: Path | None, home: Path | None) -> Any:
+    """The SQLite store alone: listing and removal need no encoder."""
+    from concilium.registry.store import RegistryStore
+
+    return RegistryStore(_config(config, home=home).home / "registry.sqlite")
+
+
 @experts_app.command("add")
 def experts_add(
     spec: Path | None = typer.Argument(None, help="Expert spec JSON/YAML file."),
@@ -162,10 +169,7 @@ def experts_list(
     config: Path | None = ConfigOpt, home: Path | None = HomeOpt, as_json: bool = JsonOpt
 ) -> None:
     """List registered experts."""
-    from concilium.registry.store import RegistryStore
-
-    cfg = _config(config, home=home)
-    store = RegistryStore(cfg.home / "registry.sqlite")
+    store = _store(config, home)
     recs = store.list()
     if as_json:
         out.print_json(
@@ -194,11 +198,9 @@ def experts_list(
 def experts_show(name: str, config: Path | None = ConfigOpt, home: Path | None = HomeOpt) -> None:
     """Show one expert's spec and artifacts (JSON)."""
     from concilium.orchestrator.http import record_json
-    from concilium.registry.store import RegistryStore
 
-    cfg = _config(config, home=home)
     try:
-        rec = RegistryStore(cfg.home / "registry.sqlite").get(name)
+        rec = _store(config, home).get(name)
     except ConciliumError as e:
         _fail(str(e))
     out.print_json(data=record_json(rec))
@@ -206,12 +208,9 @@ def experts_show(name: str, config: Path | None = ConfigOpt, home: Path | None =
 
 @experts_app.command("rm")
 def experts_rm(name: str, config: Path | None = ConfigOpt, home: Path | None = HomeOpt) -> None:
-    """Remove an expert."""
-    from concilium.registry.store import RegistryStore
-
-    cfg = _config(config, home=home)
+    """Remove an expert (running gateways stop routing to it within a second)."""
     try:
-        version = RegistryStore(cfg.home / "registry.sqlite").remove(name)
+        version = _store(config, home).remove(name)
     except ConciliumError as e:
         _fail(str(e))
     out.print(f"removed {name}; registry version {version}")
