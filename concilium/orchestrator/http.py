@@ -12,9 +12,11 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from concilium import errors as E
+from concilium.orchestrator.metrics import Metrics
 from concilium.orchestrator.schemas import ChatCompletionRequest, EmbeddingRequest, model_card
 from concilium.orchestrator.service import Service
 from concilium.registry.store import ExpertRecord
@@ -50,6 +52,7 @@ def create_app(service: Service) -> FastAPI:
     app = FastAPI(title="concilium", version="0.1.0")
     app.state.service = service
     _install_error_handlers(app)
+    _install_metrics(app, service)
     _inference_routes(app, service)
     _registry_routes(app, service)
     return app
@@ -57,6 +60,7 @@ def create_app(service: Service) -> FastAPI:
 
 def _inference_routes(app: FastAPI, service: Service) -> None:
     orch = service.orchestrator
+    metrics: Metrics = app.state.metrics
 
     @app.get("/health")
     def health() -> dict[str, Any]:
@@ -84,6 +88,7 @@ def _inference_routes(app: FastAPI, service: Service) -> None:
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(req: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
         out = await orch.chat(req)
+        metrics.observe_routing(out.body["routing"])
         if req.stream:
             return StreamingResponse(
                 _sse(out.body), media_type="text/event-stream", headers=out.headers
@@ -93,6 +98,7 @@ def _inference_routes(app: FastAPI, service: Service) -> None:
     @app.post("/v1/embeddings")
     async def embeddings(req: EmbeddingRequest) -> JSONResponse:
         out = await orch.embeddings(req)
+        metrics.observe_routing(out.body["routing"])
         return JSONResponse(out.body, headers=out.headers)
 
 
@@ -170,6 +176,23 @@ async def _sse(body: dict[str, Any]) -> AsyncIterator[bytes]:
             chunk |= {"usage": body["usage"], "routing": body["routing"]}
         yield f"data: {json.dumps(chunk)}\n\n".encode()
     yield b"data: [DONE]\n\n"
+
+
+def _install_metrics(app: FastAPI, service: Service) -> None:
+    app.state.metrics = metrics = Metrics()
+
+    @app.middleware("http")
+    async def count(request: Request, call_next: Any) -> Any:
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", "unmatched")
+        metrics.observe_request(endpoint, response.status_code, time.perf_counter() - t0)
+        return response
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 def _install_error_handlers(app: FastAPI) -> None:

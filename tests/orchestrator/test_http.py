@@ -225,3 +225,19 @@ def test_embeddings_route_among_embed_experts(client: TestClient) -> None:
 
 def test_health(client: TestClient) -> None:
     assert client.get("/health").json() == {"status": "ok", "registry_version": 3, "experts": 3}
+
+
+def test_metrics_count_requests_decisions_and_fallbacks(
+    client: TestClient, backend: FakeBackend
+) -> None:
+    chat(client, "reverse the word")
+    backend.fail.add("reverse")
+    chat(client, "reverse the word")
+    chat(client, "x", model="gpt-4")
+    text = client.get("/metrics").text
+    assert 'concilium_routing_decisions_total{expert="reverse",router="retriever"} 1.0' in text
+    assert 'concilium_routing_decisions_total{expert="math",router="retriever"} 1.0' in text
+    assert 'concilium_fallbacks_total{expert="reverse"} 1.0' in text
+    assert 'concilium_requests_total{endpoint="/v1/chat/completions",status="200"} 2.0' in text
+    assert 'concilium_requests_total{endpoint="/v1/chat/completions",status="404"} 1.0' in text
+    assert "concilium_active_parameters_count 1.0" in text

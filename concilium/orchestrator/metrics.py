@@ -1,0 +1,70 @@
+"""Prometheus metrics for one app instance (its own CollectorRegistry: no module-level state)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    """Requests, latency, routing decisions per expert, fallbacks, cost and active parameters."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "concilium_requests",
+            "HTTP requests by endpoint and status.",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "concilium_request_latency_seconds",
+            "End-to-end latency.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.decisions = Counter(
+            "concilium_routing_decisions",
+            "Requests answered per expert.",
+            ["router", "expert"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "concilium_fallbacks", "Experts that failed and were skipped.", ["expert"], registry=r
+        )
+        self.cost = Counter(
+            "concilium_cost", "Accumulated cost of answered requests.", ["expert"], registry=r
+        )
+        self.active_params = Histogram(
+            "concilium_active_parameters",
+            "Active parameters per response (CoE's metric).",
+            buckets=(1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11),
+            registry=r,
+        )
+        self.registry_version = Gauge(
+            "concilium_registry_version", "Registry version seen.", registry=r
+        )
+
+    def observe_routing(self, routing: Mapping[str, Any]) -> None:
+        self.decisions.labels(routing["router"], routing["expert"]).inc()
+        self.cost.labels(routing["expert"]).inc(float(routing["cost"]))
+        fallbacks = list(routing["fallbacks"])
+        failed = [routing["experts"][0], *fallbacks[:-1]] if fallbacks else []
+        for name in failed:
+            self.fallbacks.labels(name).inc()
+        if routing.get("active_parameters"):
+            self.active_params.observe(float(routing["active_parameters"]))
+        self.registry_version.set(float(routing.get("registry_version", 0)))
+
+    def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
+        self.requests.labels(endpoint, str(status)).inc()
+        self.latency.labels(endpoint).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
