@@ -96,5 +96,13 @@ def remote_spec(name: str, examples: list[str], **kw: object) -> dict[str, objec
 @pytest.fixture(scope="session")
 def pack_dir() -> Path:
     if not (PACK / "manifest.json").is_file():
-        pytest.skip("demo pack not built (make pack)")
+        pytest.fail("demo_pack/ is missing: it is committed; rebuild with `make pack`")
     return PACK
+
+
+def pilot_query(manifest: dict, skill: str) -> tuple[str, str]:  # type: ignore[type-arg]
+    """A skill's first pilot query and its exact answer (pilots are what the router indexes)."""
+    from concilium.pack.tasks import skill_by_name, split_query
+
+    query = next(e for e in manifest["experts"] if e["name"] == skill)["examples"][0]
+    return query, skill_by_name(skill).solve(split_query(query)[1])

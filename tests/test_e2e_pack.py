@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from concilium.config import load_config
 from concilium.orchestrator.http import create_app
 from concilium.orchestrator.service import build_service, pack_expert
+from tests.conftest import pilot_query
 
 ADMIN = {"Authorization": "Bearer k"}
 
@@ -47,29 +48,29 @@ def test_seeded_registry_has_the_default_experts_only(setup: tuple) -> None:  # 
 
 
 def test_auto_answers_each_default_skill(setup: tuple) -> None:  # type: ignore[type-arg]
-    client, manifest, rows, _ = setup
+    client, manifest, _, _ = setup
     for e in [e for e in manifest["experts"] if e["default"]][:4]:
-        row = next(r for r in rows if r["skill"] == e["name"])
-        body = _ask(client, row["query"])
+        query, answer = pilot_query(manifest, e["name"])
+        body = _ask(client, query)
         assert body["routing"]["expert"] == e["name"]
-        assert body["choices"][0]["message"]["content"] == row["answer"]
+        assert body["choices"][0]["message"]["content"] == answer
         assert body["routing"]["active_parameters"] > 0
 
 
 def test_live_registration_routes_the_next_query(setup: tuple) -> None:  # type: ignore[type-arg]
-    client, manifest, rows, svc = setup
+    client, manifest, _, svc = setup
     held = next(e for e in manifest["experts"] if not e["default"])
-    row = next(r for r in rows if r["skill"] == held["name"])
-    before = _ask(client, row["query"])
+    query, answer = pilot_query(manifest, held["name"])
+    before = _ask(client, query)
     assert before["routing"]["expert"] != held["name"]
     spec = pack_expert(Path(svc.config.pack), held["name"])  # type: ignore[arg-type]
     r = client.post("/v1/experts", json=spec, headers=ADMIN)
     assert r.status_code == 201, r.text
     t0 = time.perf_counter()
-    after = _ask(client, row["query"])
+    after = _ask(client, query)
     elapsed = time.perf_counter() - t0
     assert after["routing"]["expert"] == held["name"]
-    assert after["choices"][0]["message"]["content"] == row["answer"]
+    assert after["choices"][0]["message"]["content"] == answer
     print(f"registration->first routed answer: {elapsed * 1000:.0f} ms")
 
 

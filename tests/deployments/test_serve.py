@@ -12,6 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import pilot_query
+
 pytestmark = pytest.mark.ray
 
 
@@ -45,28 +47,26 @@ def gateway(pack_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 
 def test_chat_through_serve_returns_routing(gateway: str, pack_dir: Path) -> None:
-    rows = [json.loads(x) for x in (pack_dir / "heldout.jsonl").read_text().splitlines() if x]
     manifest = json.loads((pack_dir / "manifest.json").read_text())
     skill = next(e["name"] for e in manifest["experts"] if e["default"])
-    row = next(r for r in rows if r["skill"] == skill)
+    query, answer = pilot_query(manifest, skill)
     r = httpx.post(
         f"{gateway}/v1/chat/completions",
         timeout=60,
-        json={"model": "auto", "messages": [{"role": "user", "content": row["query"]}]},
+        json={"model": "auto", "messages": [{"role": "user", "content": query}]},
     )
     assert r.status_code == 200, r.text
     assert r.json()["routing"]["expert"] == skill == r.headers["x-concilium-expert"]
-    assert r.json()["choices"][0]["message"]["content"] == row["answer"]
+    assert r.json()["choices"][0]["message"]["content"] == answer
     assert r.headers["x-concilium-decision-id"] == r.json()["routing"]["decision_id"]
 
 
 def test_live_registration_through_serve(gateway: str, pack_dir: Path) -> None:
     from concilium.orchestrator.service import pack_expert
 
-    rows = [json.loads(x) for x in (pack_dir / "heldout.jsonl").read_text().splitlines() if x]
     manifest = json.loads((pack_dir / "manifest.json").read_text())
     held = [e["name"] for e in manifest["experts"] if not e["default"]][-1]
-    row = next(r for r in rows if r["skill"] == held)
+    query, answer = pilot_query(manifest, held)
     spec = pack_expert(pack_dir, held)
     r = httpx.post(
         f"{gateway}/v1/experts", json=spec, timeout=120, headers={"Authorization": "Bearer k"}
@@ -76,11 +76,11 @@ def test_live_registration_through_serve(gateway: str, pack_dir: Path) -> None:
     r = httpx.post(
         f"{gateway}/v1/chat/completions",
         timeout=60,
-        json={"messages": [{"role": "user", "content": row["query"]}]},
+        json={"messages": [{"role": "user", "content": query}]},
     )
     elapsed = time.perf_counter() - t0
     assert r.status_code == 200 and r.json()["routing"]["expert"] == held
-    assert r.json()["choices"][0]["message"]["content"] == row["answer"]
+    assert r.json()["choices"][0]["message"]["content"] == answer
     ids = {m["id"] for m in httpx.get(f"{gateway}/v1/models").json()["data"]}
     assert held in ids
     print(f"serve: registration->first routed answer {elapsed * 1000:.0f} ms")
