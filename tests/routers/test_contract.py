@@ -22,6 +22,11 @@ PILOTS = {
     "math": ["add these two numbers", "what is the sum", "compute the total"],
     "upper": ["make it upper case", "capitalise every letter", "shout it in capitals"],
 }
+DESCRIPTIONS = {
+    "reverse": "reverses a word: the letters backwards",
+    "math": "adds numbers and computes their sum",
+    "upper": "writes text in upper case capitals",
+}
 
 
 def candidates() -> list[Candidate]:
@@ -31,7 +36,7 @@ def candidates() -> list[Candidate]:
             kind="lora",
             task="generate",
             pilots=ENC.encode(p),
-            description=ENC.encode([n])[0],
+            description=ENC.encode([DESCRIPTIONS[n]])[0],
             categories=(f"cat-{n}",),
         )
         for n, p in PILOTS.items()
@@ -83,5 +88,15 @@ def test_retriever_aggregations_differ_where_they_should() -> None:
     for agg in ("mean", "max", "topk"):
         d = build_router({"kind": "retriever", "aggregate": agg}).route(q, cands)
         assert d.expert == "reverse"
-    dmax = build_router({"kind": "retriever", "aggregate": "max"}).route(q, cands)
+    cfg = {"kind": "retriever", "aggregate": "max", "description_weight": 0}
+    dmax = build_router(cfg).route(q, cands)
     assert dmax.scores["reverse"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_retriever_description_weight_adds_the_description_similarity() -> None:
+    cands = candidates()
+    q = Query("t", np.asarray(cands[1].description))  # exactly math's description
+    plain = build_router({"kind": "retriever", "description_weight": 0}).route(q, cands)
+    mixed = build_router({"kind": "retriever", "description_weight": 0.5}).route(q, cands)
+    assert mixed.scores["math"] == pytest.approx(plain.scores["math"] + 0.5, abs=1e-5)
+    assert mixed.expert == "math"

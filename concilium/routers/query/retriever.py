@@ -2,7 +2,8 @@
 
 Each expert carries a few pilot queries; their embeddings live in a faiss inner-product index.
 A query's score for an expert aggregates its cosine similarity to that expert's pilots (mean by
-default, as in RouterRetriever). Adding an expert = adding its pilots: nothing is trained.
+default, as in RouterRetriever), plus `description_weight` times its similarity to the expert's
+description embedding (0 = pilots only). Adding an expert = adding its pilots: nothing is trained.
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ class RetrieverConfig(BaseModel):
     topk: int = Field(
         default=3, ge=1, description="Pilots averaged per expert when aggregate=topk."
     )
+    description_weight: float = Field(
+        default=0.5,
+        ge=0,
+        description="Weight of the query-description similarity added to the pilot score.",
+    )
     temperature: float = Field(
         default=0.05, gt=0, description="Softmax temperature turning scores into confidence."
     )
@@ -52,6 +58,8 @@ class RetrieverRouter(QueryRouter):
         sims = index.similarities(query.embedding)
         names = [c.name for c in candidates]
         scores = np.array([self._aggregate(sims.get(n)) for n in names], dtype=np.float32)
+        if self.config.description_weight:
+            scores += self.config.description_weight * _description_sims(query, candidates)
         return decide(
             self.kind,
             names,
@@ -68,6 +76,15 @@ class RetrieverRouter(QueryRouter):
         if self.config.aggregate == "topk":
             return float(np.sort(s)[::-1][: self.config.topk].mean())
         return float(s.mean())
+
+
+def _description_sims(query: Query, candidates: Sequence[Candidate]) -> np.ndarray:
+    """Cosine similarity of the query to each candidate's description (0 where it has none)."""
+    out = np.zeros(len(candidates), dtype=np.float32)
+    for i, c in enumerate(candidates):
+        if c.description.size == query.embedding.size:
+            out[i] = float(np.dot(c.description.ravel(), query.embedding.ravel()))
+    return out
 
 
 def _build_index(candidates: Sequence[Candidate]) -> PilotIndex:
