@@ -1,0 +1,1 @@
+"""Sparse mixture kernels for expert replicas: MoE FFN layers and MoE-LoRA adapter mixtures."""
