@@ -17,6 +17,13 @@ DEMO_BASE = ROOT / "demo_pack" / "base"
 ATOL = 2e-5
 
 
+DEEPSEEK = dict(
+    num_key_value_heads=4, n_routed_experts=8, n_group=1, topk_group=1, moe_intermediate_size=48,
+    first_k_dense_replace=0, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
+    qk_nope_head_dim=8, v_head_dim=16,
+)  # fmt: skip
+
+
 def tiny(family: str) -> nn.Module:
     """A small random-weight causal LM of `family` (no hub needed), 2 layers, 8 experts top-2."""
     import transformers as tf
@@ -31,6 +38,7 @@ def tiny(family: str) -> nn.Module:
             **common, moe_intermediate_size=48, num_experts=8, head_dim=16
         ),
         "olmoe": lambda: tf.OlmoeConfig(**common, intermediate_size=48, num_experts=8),
+        "deepseek_v3": lambda: tf.DeepseekV3Config(**{**common, **DEEPSEEK}),
     }
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(configs[family]())
@@ -49,7 +57,7 @@ def demo_base() -> nn.Module:
 
 MODELS = {
     "qwen2_moe(demo)": demo_base,
-    **{f: (lambda f=f: tiny(f)) for f in ("mixtral", "qwen3_moe", "olmoe")},
+    **{f: (lambda f=f: tiny(f)) for f in ("mixtral", "qwen3_moe", "olmoe", "deepseek_v3")},
 }
 
 
