@@ -70,13 +70,18 @@ class MixtureLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, x.shape[-1])  # [T, D]
         handle = self._handle[0]
-        gates, idxs = handle.router.route(flat, self.name, handle.prior)  # [T, K] each
+        prior = handle.token_prior(x.shape[:-1])
+        gates, idxs = handle.router.route(flat, self.name, prior)  # [T, K] each
         handle.record(gates, idxs)
         return self.mixture(flat, gates, idxs).view(*x.shape[:-1], -1)
 
 
 class MixtureHandle:
-    """A patched model: its router, the current prior, routing statistics, and ``remove()``."""
+    """A patched model: its router, the current prior, routing statistics, and ``remove()``.
+
+    ``prior`` applies to the next forwards: ``[N]`` for every token, ``[T, N]`` per token, or
+    ``[B, N]`` per row of a ``[B, L, D]`` batch (one prior per request; see ``stack_priors``).
+    """
 
     def __init__(self, model: nn.Module, router: TokenRouter) -> None:
         self.model, self.router = model, router
@@ -87,6 +92,18 @@ class MixtureHandle:
     @property
     def adapters(self) -> list[str]:
         return list(self.router.adapters)
+
+    def token_prior(self, lead: torch.Size) -> TokenPrior | None:
+        """The prior per token: a per-row prior ``[B, N]`` is repeated over each row's L tokens."""
+        p = self.prior
+        if p is None or p.allowed.dim() == 1 or len(lead) != 2 or p.allowed.shape[0] != lead[0]:
+            return p
+        rows, length = lead
+
+        def rep(t: Tensor) -> Tensor:
+            return t[:, None, :].expand(rows, length, t.shape[-1]).reshape(rows * length, -1)
+
+        return type(p)(rep(p.allowed), None if p.bias is None else rep(p.bias))
 
     def reset_stats(self) -> None:
         n = len(self.router.adapters)

@@ -10,7 +10,7 @@ import torch
 
 from concilium.errors import InvalidInput
 from concilium.experts.moe.lora_patch import load_lora_weights, patch_lora_mixture
-from concilium.routers.token import build_token_router, prior_from_scores
+from concilium.routers.token import TokenPrior, build_token_router, prior_from_scores
 from concilium.routers.token.oracle import OracleRouter
 
 SKILLS = ("reverse", "uppercase", "caesar")
@@ -104,3 +104,17 @@ def test_patch_needs_weights_for_every_router_adapter(pack_dir: Path, base: Any)
     router.add_adapter("ghost")
     with pytest.raises(InvalidInput, match="ghost"):
         patch_lora_mixture(base, {"reverse": pack_dir / "adapters" / "reverse"}, router)
+
+
+def test_one_prior_per_row_mixes_requests_in_one_batch(pack_dir: Path, base: Any):
+    want = [_peft_logits(pack_dir, base, s) for s in ("caesar", "reverse")]
+    handle, router = _patched(pack_dir, base, "uniform")
+    rows = [prior_from_scores(router.adapters, {s: 1.0}, top_m=1) for s in ("caesar", "reverse")]
+    handle.prior = TokenPrior(torch.stack([p.allowed for p in rows]))  # [B, N]
+    try:
+        with torch.no_grad():
+            got = base(input_ids=_ids()).logits
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got[0], want[0][0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[1], want[1][1], rtol=1e-4, atol=1e-4)
