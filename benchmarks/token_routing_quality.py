@@ -1,0 +1,181 @@
+"""Token-level routing quality on the demo pack: per-token adapter mixtures, task label hidden.
+
+Every skill adapter of the pack is patched into the base as MoE-LoRA layers; each token is routed
+per layer by a token router. Exact match on held-out queries, per skill, for: the base alone, the
+uniform merge, Arrow (prototypes from the adapters, no training), PHATGOOSE (gates trained here,
+per adapter on its own train examples, adapter frozen), PHATGOOSE + global prior (candidates and
+bias from the query-level retriever's decision) and the oracle (the true skill's adapter only).
+
+    python benchmarks/token_routing_quality.py [--quick] [--pack demo_pack]
+
+Ends with one ``TARGET`` line per acceptance target of the issue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from concilium.experts.moe.lora_gates import arrow_prototypes, train_phatgoose_gate  # noqa: E402
+from concilium.experts.moe.lora_patch import patch_lora_mixture  # noqa: E402
+from concilium.pack.evaluate import generate_prompts  # noqa: E402
+from concilium.pack.tokenizer import format_prompt  # noqa: E402
+from concilium.routers.token import TokenPrior, build_token_router, prior_from_scores  # noqa: E402
+
+CONFIGS = ("base", "uniform", "arrow", "phatgoose", "phatgoose+prior", "oracle")
+
+
+def load_queries(pack: Path, per_skill: int) -> list[dict[str, str]]:
+    rows = [json.loads(x) for x in (pack / "heldout.jsonl").read_text().splitlines() if x]
+    by_skill: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for r in rows:
+        if len(by_skill[r["skill"]]) < per_skill:
+            by_skill[r["skill"]].append(r)
+    return [r for s in sorted(by_skill) for r in by_skill[s]]
+
+
+def query_scores(pack: Path, queries: list[dict[str, str]]) -> list[dict[str, float]]:
+    """The query-level retriever's score of every candidate, per query (the global prior)."""
+    from concilium.config import load_config
+    from concilium.orchestrator.service import build_service, install_pack
+
+    with tempfile.TemporaryDirectory() as home:
+        routers = {"retriever": {"kind": "retriever"}}
+        cfg = load_config(None, home=Path(home), seed_embedder=False, routers=routers)
+        svc = build_service(cfg, seed=False)
+        install_pack(svc.registry, pack, include_held_out=True)
+        route = svc.orchestrator.route
+        return [dict(route(q["query"], model="router-retriever").decision.scores) for q in queries]
+
+
+def artifacts(model: Any, tok: Any, pack: Path, steps: int) -> tuple[dict, dict, dict]:
+    """Arrow prototypes and PHATGOOSE gates of every adapter, and seconds spent per adapter."""
+    manifest = json.loads((pack / "manifest.json").read_text())
+    protos, gates, secs = {}, {}, {}
+    for e in manifest["experts"]:
+        path = pack / e["path"]
+        protos[e["name"]] = arrow_prototypes(path)
+        ex = [(x["prompt"], x["completion"]) for x in e["train_examples"]]
+        t0 = time.perf_counter()
+        gates[e["name"]] = train_phatgoose_gate(model, tok, path, ex, steps=steps)
+        secs[e["name"]] = time.perf_counter() - t0
+    return protos, gates, secs
+
+
+def router_for(config: str, skills: list[str], protos: dict, gates: dict) -> Any:
+    kind = {"arrow": "arrow", "phatgoose": "phatgoose", "phatgoose+prior": "phatgoose"}
+    router = build_token_router({"kind": kind.get(config, "uniform"), "top_k": 2})
+    vectors = protos if config == "arrow" else gates
+    for s in skills:
+        router.add_adapter(s, vectors[s] if config in kind else None)
+    return router
+
+
+def row_prior(config: str, skills: list[str], q: dict[str, str], scores: dict[str, float]) -> Any:
+    if config == "oracle":
+        return prior_from_scores(skills, {q["skill"]: 1.0}, top_m=1)
+    scaled = {k: v / 0.05 for k, v in scores.items()}  # the retriever's softmax temperature
+    return prior_from_scores(skills, scaled, top_m=3, weight=1.0)
+
+
+def answers(model: Any, config: str, ctx: dict[str, Any], batch: int) -> list[str]:
+    queries, skills = ctx["queries"], ctx["skills"]
+    prompts = [format_prompt(q["query"]) for q in queries]
+    max_new = max(len(q["answer"]) for q in queries) + 4
+    if config == "base":
+        return generate_prompts(model, prompts, max_new)
+    handle = patch_lora_mixture(model, ctx["dirs"], router_for(config, skills, *ctx["vectors"]))
+    out: list[str] = []
+    try:
+        for s in range(0, len(queries), batch):
+            rows = range(s, min(s + batch, len(queries)))
+            if config in ("oracle", "phatgoose+prior"):
+                ps = [row_prior(config, skills, queries[i], ctx["scores"][i]) for i in rows]
+                bias = [p.bias if p.bias is not None else torch.zeros(len(skills)) for p in ps]
+                handle.prior = TokenPrior(torch.stack([p.allowed for p in ps]), torch.stack(bias))
+            out += generate_prompts(model, prompts[s : s + batch], max_new)
+    finally:
+        handle.remove()
+    return out
+
+
+def per_skill(queries: list[dict[str, str]], preds: list[str]) -> dict[str, float]:
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for q, p in zip(queries, preds, strict=True):
+        hits[q["skill"]].append(p == q["answer"])
+    return {s: sum(h) / len(h) for s, h in sorted(hits.items())}
+
+
+def report(acc: dict[str, dict[str, float]], head: str) -> list[str]:
+    skills = list(acc["oracle"])
+    lines = [head, "", "| skill | " + " | ".join(CONFIGS) + " |", "|---" * (len(CONFIGS) + 1) + "|"]
+    for s in skills:
+        lines.append(f"| {s} | " + " | ".join(f"{acc[c][s]:.2f}" for c in CONFIGS) + " |")
+    mean = {c: sum(acc[c].values()) / len(skills) for c in CONFIGS}
+    lines.append("| **mean** | " + " | ".join(f"{mean[c]:.3f}" for c in CONFIGS) + " |")
+    ratio = mean["phatgoose+prior"] / max(mean["oracle"], 1e-9)
+    verdict = "PASS" if ratio >= 0.9 else "FAIL"
+    lines += ["", f"TARGET phatgoose_prior_over_oracle: {ratio:.3f} (goal >= 0.9) {verdict}"]
+    for r in ("arrow", "phatgoose"):
+        ok = "PASS" if mean[r] > mean["uniform"] else "FAIL"
+        lines.append(
+            f"TARGET {r}_above_uniform: {mean[r]:.3f} vs {mean['uniform']:.3f} (goal >) {ok}"
+        )
+    lines.append("(two-skill prompts: not measured in this version)")
+    return lines
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pack", type=Path, default=ROOT / "demo_pack")
+    ap.add_argument("--quick", action="store_true", help="4 queries per skill, 30 gate steps")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    n, steps = (4, 30) if args.quick else (20, 100)
+    queries = load_queries(args.pack, n)
+    scores = query_scores(args.pack, queries)
+    model = AutoModelForCausalLM.from_pretrained(args.pack / "base", dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(args.pack / "base")
+    protos, gates, secs = artifacts(model, tok, args.pack, steps)
+    skills = sorted(protos)
+    ctx = {
+        "queries": queries,
+        "skills": skills,
+        "scores": scores,
+        "dirs": {s: args.pack / "adapters" / s for s in skills},
+        "vectors": (protos, gates),
+    }
+    acc = {c: per_skill(queries, answers(model, c, ctx, batch=48)) for c in CONFIGS}
+    head = (
+        f"# Token-level routing quality on the demo pack ({'quick' if args.quick else 'full'})\n\n"
+        f"{len(queries)} held-out queries ({n} per skill), greedy, exact match; task label hidden. "
+        f"Top-k = 2; prior: retriever's top-3 adapters, bias = log softmax(score / 0.05). "
+        f"PHATGOOSE gates: {steps} steps per adapter, {max(secs.values()):.1f} s max / "
+        f"{sum(secs.values()) / len(secs):.1f} s mean per adapter ({args.threads} thread). "
+        f"Wall time {time.perf_counter() - t0:.0f} s."
+    )
+    lines = report(acc, head)
+    name = "token_routing_quality_quick.md" if args.quick else "token_routing_quality.md"
+    (args.out or ROOT / "benchmarks" / "results" / name).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
