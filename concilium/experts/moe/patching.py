@@ -87,7 +87,7 @@ def supported(module: nn.Module) -> bool:
     )
 
 
-def _experts_sites(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Module]]:
+def experts_sites(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Module]]:
     """(qualified name, parent, attribute, module) of every supported experts module."""
     sites = []
     for parent_name, parent in model.named_modules():
@@ -103,7 +103,7 @@ def patch(model: nn.Module, backend: str = "auto") -> PatchReport:
 
     Raises ConfigError when the model has no supported MoE experts (naming the families).
     """
-    sites = _experts_sites(model)
+    sites = experts_sites(model)
     if not sites:
         raise ConfigError(
             f"{type(model).__name__} has no supported MoE experts module; supported: "

@@ -1,0 +1,145 @@
+"""Expert weight tiering (ExpertFlow-style) for replicas that cannot hold every expert.
+
+Every expert's weights live in one memory-mapped safetensors file; each MoE layer keeps at most
+`budget` experts resident in an `ExpertCache` (LRU or LFU). A miss loads the expert from the
+mapped file; routing-aware prefetch (see `tiered.py`) asks the *next* layer's router, on this
+layer's hidden states, which experts it will want, and loads them ahead. Pinned ("super")
+experts are never evicted. `TierStats` counts hits, misses, prefetches and bytes moved.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from concilium.errors import ConfigError
+
+Policy = Literal["lru", "lfu"]
+
+
+def expert_key(layer: int, expert: int, part: str) -> str:
+    return f"layers.{layer}.experts.{expert}.{part}"
+
+
+def write_store(path: Path, layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Write per-layer (w13 [E, 2H, D], w2 [E, D, H]) as one tensor per expert and part."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for layer, (w13, w2) in enumerate(layers):
+        for e in range(w13.shape[0]):
+            tensors[expert_key(layer, e, "w13")] = w13[e].detach().contiguous()
+            tensors[expert_key(layer, e, "w2")] = w2[e].detach().contiguous()
+    save_file(tensors, str(path))
+
+
+class ExpertStore:
+    """Read-only, memory-mapped access to the experts of `write_store`'s file."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        self._file = safe_open(str(self.path), framework="pt")
+
+    def load(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w13 [2H, D], w2 [D, H]) of one expert, copied out of the mapping."""
+        get = self._file.get_tensor
+        return get(expert_key(layer, expert, "w13")), get(expert_key(layer, expert, "w2"))
+
+
+@dataclass(slots=True)
+class TierStats:
+    """Counters of one layer's cache (or their sum over layers)."""
+
+    hits: int = 0
+    misses: int = 0
+    prefetched: int = 0  # loads issued by prefetch
+    prefetch_used: int = 0  # prefetched experts later hit before eviction
+    bytes_moved: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 1.0
+
+    def __add__(self, other: TierStats) -> TierStats:
+        return TierStats(*(a + b for a, b in zip(self.astuple(), other.astuple(), strict=True)))
+
+    def astuple(self) -> tuple[int, int, int, int, int]:
+        return (self.hits, self.misses, self.prefetched, self.prefetch_used, self.bytes_moved)
+
+
+@dataclass(slots=True)
+class ExpertCache:
+    """At most `budget` resident experts of one layer; pinned ones never leave."""
+
+    store: ExpertStore
+    layer: int
+    budget: int
+    policy: Policy = "lru"
+    pinned: frozenset[int] = frozenset()
+    stats: TierStats = field(default_factory=TierStats)
+    _slots: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=OrderedDict)
+    _uses: Counter[int] = field(default_factory=Counter)
+    _unused_prefetch: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        if self.budget < len(self.pinned) + 1:
+            raise ConfigError(
+                f"layer {self.layer}: budget {self.budget} must exceed the {len(self.pinned)} "
+                "pinned experts by at least one"
+            )
+        for e in sorted(self.pinned):
+            self._load(e)
+
+    @property
+    def resident(self) -> list[int]:
+        return sorted(self._slots)
+
+    def get(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The expert's (w13 [2H, D], w2 [D, H]), loaded on a miss."""
+        self._uses[expert] += 1
+        if expert in self._slots:
+            self.stats.hits += 1
+            self.stats.prefetch_used += expert in self._unused_prefetch
+            self._unused_prefetch.discard(expert)
+            self._slots.move_to_end(expert)
+            return self._slots[expert]
+        self.stats.misses += 1
+        return self._load(expert)
+
+    def prefetch(self, experts: Iterable[int], keep: Iterable[int] = ()) -> None:
+        """Load the predicted experts not resident, never evicting `keep` or each other."""
+        wanted = [e for e in dict.fromkeys(experts) if e not in self._slots]
+        protect = set(keep) | set(experts)
+        for e in wanted[: max(0, self.budget - len(self.pinned))]:
+            if self._evict(protect) or len(self._slots) < self.budget:
+                self._load(e)
+                self.stats.prefetched += 1
+                self._unused_prefetch.add(e)
+
+    def _load(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(self._slots) >= self.budget:
+            self._evict(set())
+        w13, w2 = self.store.load(self.layer, expert)
+        self.stats.bytes_moved += w13.nbytes + w2.nbytes
+        self._slots[expert] = (w13, w2)
+        return w13, w2
+
+    def _evict(self, protect: set[int]) -> bool:
+        """Drop one expert (LRU: least recent; LFU: least used), never pinned or protected."""
+        if len(self._slots) < self.budget:
+            return False
+        victims = [e for e in self._slots if e not in self.pinned and e not in protect]
+        if not victims:
+            return False
+        victim = victims[0] if self.policy == "lru" else min(victims, key=self._uses.__getitem__)
+        del self._slots[victim]
+        self._unused_prefetch.discard(victim)
+        return True

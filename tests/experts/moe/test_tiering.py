@@ -1,0 +1,97 @@
+"""Expert weight tiering: half the experts resident, same outputs; cache policy; super experts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from concilium.errors import ConfigError
+from concilium.experts.moe.tiered import TieredExperts, find_super_experts, tier
+from concilium.experts.moe.tiering import ExpertCache, ExpertStore, write_store
+from tests.experts.moe.test_patch import demo_base, prompt, tiny
+
+
+def test_demo_base_with_half_the_experts_resident_gives_the_same_outputs(tmp_path: Path) -> None:
+    model = demo_base()
+    ids = prompt(model.config.vocab_size, t=16)
+    with torch.no_grad():
+        want = model(ids).logits
+        want_gen = model.generate(ids, max_new_tokens=24, do_sample=False)
+        report = tier(model, tmp_path / "experts.safetensors", budget=4)
+        got = model(ids).logits
+        got_gen = model.generate(ids, max_new_tokens=24, do_sample=False)
+    assert len(report.caches) == 4 and all(
+        isinstance(model.get_submodule(n), TieredExperts) for n in report.names
+    )
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert torch.equal(got_gen, want_gen)
+    stats = report.stats()
+    assert stats.misses > 0 and stats.bytes_moved > 0 and 0 < stats.hit_rate < 1
+    assert stats.prefetched > 0
+    assert all(len(c.resident) <= 4 for c in report.caches)
+    assert not any("experts.gate_up_proj" in k for k in model.state_dict())  # weights left RAM
+
+
+def test_prefetch_changes_nothing_but_the_counters(tmp_path: Path) -> None:
+    outs = []
+    for prefetch in (True, False):
+        model = tiny("mixtral")
+        ids = prompt(model.config.vocab_size)
+        report = tier(model, tmp_path / f"{prefetch}.safetensors", budget=3, prefetch=prefetch)
+        with torch.no_grad():
+            outs.append(model.generate(ids, max_new_tokens=12, do_sample=False))
+        assert (report.stats().prefetched > 0) == prefetch
+    assert torch.equal(outs[0], outs[1])
+
+
+def store_with(tmp_path: Path, e: int = 6) -> ExpertStore:
+    w13 = torch.arange(e, dtype=torch.float32).view(e, 1, 1).expand(e, 4, 3).contiguous()
+    write_store(tmp_path / "s.safetensors", [(w13, torch.zeros(e, 3, 2))])
+    return ExpertStore(tmp_path / "s.safetensors")
+
+
+def test_store_round_trip(tmp_path: Path) -> None:
+    w13, w2 = store_with(tmp_path).load(0, 5)
+    assert w13.shape == (4, 3) and w2.shape == (3, 2) and (w13 == 5).all()
+
+
+def test_lru_evicts_the_least_recent_and_counts(tmp_path: Path) -> None:
+    cache = ExpertCache(store_with(tmp_path), 0, budget=2, policy="lru")
+    for e in (0, 1, 0, 2):  # 1 is least recent when 2 arrives
+        cache.get(e)
+    assert cache.resident == [0, 2]
+    assert (cache.stats.hits, cache.stats.misses) == (1, 3)
+    assert cache.stats.bytes_moved == 3 * (4 * 3 + 3 * 2) * 4
+
+
+def test_lfu_keeps_the_frequent_and_pinned_never_leave(tmp_path: Path) -> None:
+    cache = ExpertCache(store_with(tmp_path), 0, budget=3, policy="lfu", pinned=frozenset({5}))
+    for e in (0, 0, 0, 1, 2, 3, 4):
+        cache.get(e)
+    assert 0 in cache.resident and 5 in cache.resident and len(cache.resident) == 3
+    cache.prefetch([1, 2, 3])
+    assert 5 in cache.resident
+    with pytest.raises(ConfigError, match="pinned"):
+        ExpertCache(store_with(tmp_path), 0, budget=1, pinned=frozenset({1}))
+
+
+def test_prefetch_hits_are_counted(tmp_path: Path) -> None:
+    cache = ExpertCache(store_with(tmp_path), 0, budget=2)
+    cache.prefetch([3, 4])
+    cache.get(3)
+    assert (cache.stats.prefetched, cache.stats.prefetch_used, cache.stats.misses) == (2, 1, 0)
+
+
+def test_super_experts_are_found_and_stay_resident(tmp_path: Path) -> None:
+    model = tiny("mixtral")
+    ids = prompt(model.config.vocab_size, t=24)
+    with torch.no_grad():  # make expert 3 of layer 1 a super expert: huge down-projection
+        model.model.layers[1].mlp.experts.down_proj[3].mul_(100.0)
+    supers = find_super_experts(model, ids)
+    assert supers[1] == {3} and supers[0] == set()
+    report = tier(model, tmp_path / "s.safetensors", budget=2, pinned=supers)
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert 3 in report.caches[1].resident
