@@ -18,7 +18,7 @@ from torch import nn
 
 from concilium.errors import ConfigError
 from concilium.experts.moe.kernels.decode import decode_moe
-from concilium.experts.moe.kernels.grouped import grouped_moe
+from concilium.experts.moe.kernels.grouped import grouped_mm_fits, grouped_moe
 from concilium.experts.moe.kernels.onednn import PackCache
 from concilium.experts.moe.reference import reference_moe, shared_swiglu, split_w13
 
@@ -66,12 +66,17 @@ class DecodeBackend(MoEBackend):
 
 
 class AutoBackend(MoEBackend):
-    """`decode` while the batch is small (T <= decode_max_tokens), `grouped` beyond."""
+    """Small experts (<= small_expert_bytes, e.g. the demo base's 192 KiB): `grouped_mm`, the
+    fewest ops, since per-op overhead dominates there. Large experts: `decode` while the batch
+    is small (T <= decode_max_tokens), `grouped` beyond, both on packed weights."""
 
     name = "auto"
     decode_max_tokens: ClassVar[int] = 4
+    small_expert_bytes: ClassVar[int] = 1 << 20
 
     def __call__(self, x, w13, w2, weights, idxs) -> torch.Tensor:
+        if w13[0].nbytes + w2[0].nbytes <= self.small_expert_bytes and grouped_mm_fits(w2):
+            return grouped_moe(x, w13, w2, weights, idxs, gemm="grouped_mm")
         packed = self.packs.get(w13, w2)
         if x.shape[0] <= self.decode_max_tokens:
             return decode_moe(x, w13, w2, weights, idxs, packed=packed)

@@ -57,16 +57,21 @@ class MoEExperts(nn.Module):
 
 @dataclass(frozen=True, slots=True)
 class PatchReport:
-    """What `patch` swapped: (parent module, attribute name, stock module) per experts module."""
+    """What `patch` swapped: (parent module, attribute, stock module, ours) per experts module."""
 
     names: tuple[str, ...]
     family: str
-    swaps: tuple[tuple[nn.Module, str, nn.Module], ...]
+    swaps: tuple[tuple[nn.Module, str, nn.Module, MoEExperts], ...]
 
     def undo(self) -> None:
         """Put the stock modules back (they share the parameters, so nothing is copied)."""
-        for parent, attr, stock in self.swaps:
+        for parent, attr, stock, _ in self.swaps:
             setattr(parent, attr, stock)
+
+    def redo(self) -> None:
+        """Swap ours in again (keeping their per-layer state, e.g. packed weights)."""
+        for parent, attr, _, ours in self.swaps:
+            setattr(parent, attr, ours)
 
 
 def supported(module: nn.Module) -> bool:
@@ -87,12 +92,15 @@ def supported(module: nn.Module) -> bool:
     )
 
 
-def experts_sites(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Module]]:
-    """(qualified name, parent, attribute, module) of every supported experts module."""
+def experts_sites(
+    model: nn.Module, include_ours: bool = False
+) -> list[tuple[str, nn.Module, str, nn.Module]]:
+    """(qualified name, parent, attribute, module) of every supported stock experts module, and
+    of every `MoEExperts` too when `include_ours`."""
     sites = []
     for parent_name, parent in model.named_modules():
         for attr, child in parent.named_children():
-            if supported(child):
+            if supported(child) or (include_ours and isinstance(child, MoEExperts)):
                 name = f"{parent_name}.{attr}" if parent_name else attr
                 sites.append((name, parent, attr, child))
     return sites
@@ -112,7 +120,8 @@ def patch(model: nn.Module, backend: str = "auto") -> PatchReport:
     swaps = []
     for _, parent, attr, stock in sites:
         w13, w2 = stock.get_parameter("gate_up_proj"), stock.get_parameter("down_proj")
-        setattr(parent, attr, MoEExperts(w13, w2, backend))
-        swaps.append((parent, attr, stock))
+        ours = MoEExperts(w13, w2, backend)
+        setattr(parent, attr, ours)
+        swaps.append((parent, attr, stock, ours))
     family = SUPPORTED_EXPERTS[type(sites[0][3]).__name__]
     return PatchReport(tuple(s[0] for s in sites), family, tuple(swaps))

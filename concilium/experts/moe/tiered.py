@@ -84,11 +84,10 @@ def tier(
     pinned: dict[int, set[int]] | None = None,
     prefetch: bool = True,
 ) -> TierReport:
-    """Move every supported experts module's weights to `store_path`, keep `budget` per layer.
-
-    `pinned` maps layer index (order of the MoE layers) -> experts never evicted.
+    """Move every supported experts module's weights (stock or patched) to `store_path`, keep
+    `budget` per layer. `pinned` maps MoE layer index (in model order) -> experts never evicted.
     """
-    sites = experts_sites(model)
+    sites = experts_sites(model, include_ours=True)
     if not sites:
         raise ConfigError(f"{type(model).__name__} has no supported MoE experts module to tier")
     layers = [(s[3].get_parameter("gate_up_proj"), s[3].get_parameter("down_proj")) for s in sites]
@@ -123,7 +122,7 @@ def find_super_experts(
     """{layer: experts} whose largest |down-projection output| on `input_ids` exceeds `factor`
     times the median of all experts' largest outputs (the Super Experts criterion). Run it on
     the full model, before `tier`."""
-    sites = experts_sites(model)
+    sites = experts_sites(model, include_ours=True)
     peaks = torch.zeros(len(sites), sites[0][3].get_parameter("down_proj").shape[0])  # [L, E]
     hooks = [_peak_hook(site[3], peaks[i]) for i, site in enumerate(sites)]
     try:

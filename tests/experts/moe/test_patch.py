@@ -92,6 +92,8 @@ def test_weights_are_kept_not_copied_and_undo_restores() -> None:
     assert {n: p.data_ptr() for n, p in model.named_parameters()} == ptrs
     report.undo()
     assert not any(isinstance(m, MoEExperts) for m in model.modules())
+    report.redo()
+    assert sum(isinstance(m, MoEExperts) for m in model.modules()) == 2
 
 
 def test_training_through_the_patched_model_matches_stock_gradients() -> None:

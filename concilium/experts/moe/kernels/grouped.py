@@ -48,10 +48,10 @@ def _segments_into(xs, w13, w2, d: Dispatch, packed: PackedExperts | None) -> to
     return out
 
 
-def grouped_mm_fits(xs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
-    """torch._grouped_mm needs a non-empty batch and 16-byte aligned row strides (D, H)."""
-    per_16 = 16 // xs.element_size()
-    return xs.shape[0] > 0 and w2.shape[1] % per_16 == 0 and w2.shape[2] % per_16 == 0
+def grouped_mm_fits(w2: torch.Tensor) -> bool:
+    """torch._grouped_mm needs 16-byte aligned row strides: D and H (w2 [E, D, H])."""
+    per_16 = 16 // w2.element_size()
+    return w2.shape[1] % per_16 == 0 and w2.shape[2] % per_16 == 0
 
 
 def _grouped_mm(xs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, d: Dispatch):
@@ -80,7 +80,7 @@ def grouped_moe(
     xs = x.index_select(0, d.token)  # [S, D]
     if needs_grad(x, w13, w2, weights):
         return combine(_segments_autograd(xs, w13, w2, d), d, x.shape[0])
-    if gemm == "grouped_mm" and grouped_mm_fits(xs, w13, w2):
+    if gemm == "grouped_mm" and xs.shape[0] > 0 and grouped_mm_fits(w2):
         out = _grouped_mm(xs, w13, w2, d)
     else:
         out = _segments_into(xs, w13, w2, d, packed)
