@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from concilium.errors import ConfigError
 from concilium.routers.query import RouterConfig
@@ -25,15 +25,80 @@ def _default_routers() -> dict[str, Any]:
     }
 
 
-class DeploymentConfig(BaseModel):
-    """Ray Serve sizing of the gateway and each expert server (fits 2 cores by default)."""
+class ScalingConfig(BaseModel):
+    """Ray Serve sizing and autoscaling of one deployment (defaults fit 2 cores)."""
 
     model_config = ConfigDict(extra="forbid")
-    gateway_num_cpus: float = Field(default=0.25, gt=0, description="CPUs per gateway replica.")
-    gateway_replicas: int = Field(default=1, ge=1, description="Gateway replicas.")
-    expert_num_cpus: float = Field(default=0.5, gt=0, description="CPUs per expert replica.")
-    expert_replicas: int = Field(default=1, ge=1, description="Replicas per expert server.")
-    max_ongoing_requests: int = Field(default=64, ge=1, description="Per-replica concurrency.")
+    num_cpus: float = Field(default=0.5, gt=0, description="CPUs reserved per replica.")
+    min_replicas: int = Field(default=1, ge=0, description="Fewest replicas (0: scale to zero).")
+    max_replicas: int = Field(default=2, ge=1, description="Most replicas.")
+    initial_replicas: int | None = Field(default=None, ge=0, description="Replicas at start.")
+    target_ongoing_requests: float = Field(
+        default=8, gt=0, description="Ongoing requests per replica the autoscaler aims for."
+    )
+    upscale_delay_s: float = Field(
+        default=2.0, ge=0, description="Load must last this to scale up."
+    )
+    downscale_delay_s: float = Field(
+        default=30.0, ge=0, description="Idle time before a replica is removed."
+    )
+    max_ongoing_requests: int = Field(default=64, ge=1, description="Concurrency per replica.")
+    max_queued_requests: int = Field(
+        default=256, ge=-1, description="Queued requests per caller before 503 (-1: unbounded)."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ScalingConfig:
+        if self.max_replicas < max(self.min_replicas, 1):
+            raise ValueError(f"max_replicas {self.max_replicas} < min_replicas {self.min_replicas}")
+        return self
+
+    def autoscaling(self) -> dict[str, Any]:
+        keys: tuple[str, ...] = ("min_replicas", "max_replicas", "initial_replicas")
+        keys += ("target_ongoing_requests", "upscale_delay_s", "downscale_delay_s")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+class ExpertScalingConfig(ScalingConfig):
+    """An ExpertServer deployment: scaling plus its adapter cache and batching."""
+
+    max_adapters: int = Field(default=8, ge=1, description="Adapters resident per replica (LRU).")
+    max_batch: int = Field(default=16, ge=1, description="Rows decoded together in one batch.")
+    batch_wait_ms: float = Field(default=2.0, ge=0, description="Wait to fill a batch, in ms.")
+
+
+def _gateway_default() -> ScalingConfig:
+    return ScalingConfig(
+        num_cpus=0.25, max_replicas=2, target_ongoing_requests=32, max_ongoing_requests=256
+    )
+
+
+class DeploymentConfig(BaseModel):
+    """Ray Serve topology: the gateway and one ExpertServer per local base model."""
+
+    model_config = ConfigDict(extra="forbid")
+    gateway: ScalingConfig = Field(default_factory=_gateway_default, description="The ingress.")
+    expert_defaults: ExpertScalingConfig = Field(
+        default_factory=ExpertScalingConfig, description="Every ExpertServer unless overridden."
+    )
+    experts: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Per model-expert name: fields overriding expert_defaults.",
+    )
+
+    @model_validator(mode="after")
+    def _check_overrides(self) -> DeploymentConfig:
+        for name in self.experts:
+            self.expert(name)
+        return self
+
+    def expert(self, name: str) -> ExpertScalingConfig:
+        """The scaling of expert `name`: the defaults with its overrides applied."""
+        data = self.expert_defaults.model_dump() | self.experts.get(name, {})
+        try:
+            return ExpertScalingConfig.model_validate(data)
+        except ValidationError as e:
+            raise ValueError(f"deployment.experts.{name}: {e}") from None
 
 
 class ServiceConfig(BaseModel):
@@ -52,6 +117,7 @@ class ServiceConfig(BaseModel):
     default_router: str = Field(default="retriever", description="Router used for model 'auto'.")
     routers: dict[str, RouterConfig] = Field(
         default_factory=_default_routers,
+        validate_default=True,
         description="Named query routers (model 'router-<name>').",
     )
     pack: Path | None = Field(
@@ -62,6 +128,9 @@ class ServiceConfig(BaseModel):
     )
     default_max_tokens: int = Field(
         default=64, ge=1, le=8192, description="max_tokens when the request gives none."
+    )
+    request_timeout_s: float = Field(
+        default=120.0, gt=0, description="Deadline of a request without routing.deadline_ms."
     )
     max_fallbacks: int = Field(default=2, ge=0, description="Fallback experts tried on failure.")
     max_adapters: int = Field(default=64, ge=1, description="Adapters resident per base model.")

@@ -97,7 +97,13 @@ class ExpertTimeout(ExpertFailed):
 
 
 class ExpertUnavailable(ExpertFailed):
-    """An expert cannot be reached, or refused the request for load."""
+    """An expert cannot be reached, or refused the request for load (`retry_after_s` if known)."""
+
+    def __init__(
+        self, message: str, *, field: str | None = None, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message, field=field)
+        self.retry_after_s = retry_after_s
 
 
 class RegistryError(ConciliumError):

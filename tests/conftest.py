@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from concilium.experts.base import Generation, GenParams, Message, Target
+from concilium.experts.base import Delta, Generation, GenParams, Message, StreamItem, Target
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -50,7 +51,10 @@ class FakeBackend:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, list[Message], GenParams]] = []
-        self.fail: set[str] = set()
+        self.fail: set[str] = set()  # fail before answering
+        self.fail_mid_stream: set[str] = set()  # stream two pieces, then fail
+        self.delay_s: dict[str, float] = {}  # expert -> seconds before answering
+        self.cancelled: list[str] = []  # experts whose work was cancelled mid-call
 
     async def chat(
         self, target: Target, messages: Sequence[Message], params: GenParams
@@ -60,8 +64,25 @@ class FakeBackend:
         self.calls.append((target.expert, list(messages), params))
         if target.expert in self.fail:
             raise ExpertUnavailable(f"{target.expert} is down")
+        try:
+            await asyncio.sleep(self.delay_s.get(target.expert, 0))
+        except asyncio.CancelledError:
+            self.cancelled.append(target.expert)
+            raise
         text = f"{target.expert}:{messages[-1]['content']}"
         return Generation(text=text, prompt_tokens=10, completion_tokens=5, finish_reason="stop")
+
+    async def chat_stream(
+        self, target: Target, messages: Sequence[Message], params: GenParams
+    ) -> AsyncIterator[StreamItem]:
+        from concilium.errors import ExpertUnavailable
+
+        gen = await self.chat(target, messages, params)
+        for i in range(0, len(gen.text), 4):
+            if i >= 8 and target.expert in self.fail_mid_stream:
+                raise ExpertUnavailable(f"{target.expert} died mid-stream")
+            yield Delta(gen.text[i : i + 4])
+        yield gen
 
     async def embed(self, target: Target, texts: Sequence[str]) -> list[list[float]]:
         return [[float(len(t)), 1.0] for t in texts]

@@ -17,8 +17,8 @@ from ray import serve
 from ray.serve import Application
 
 from concilium.config import ServiceConfig, load_config
-from concilium.deployments.expert_server import ExpertServer
 from concilium.deployments.gateway import Gateway
+from concilium.deployments.topology import deployment_options, expert_deployment
 from concilium.registry.specs import ModelSpec
 
 
@@ -32,20 +32,12 @@ def build_app(cfg: ServiceConfig) -> Application:
     )
     svc = build_service(cfg)  # seeds the registry (pack + embedder) in the driver
     dep = cfg.deployment
-    experts: dict[str, Any] = {}
-    for rec in svc.registry.list():
-        s = rec.spec
-        if isinstance(s, ModelSpec) and s.task == "generate":
-            experts[s.path] = ExpertServer.options(  # type: ignore[attr-defined]
-                name=f"expert-{s.name}",
-                num_replicas=dep.expert_replicas,
-                ray_actor_options={"num_cpus": dep.expert_num_cpus},
-                max_ongoing_requests=dep.max_ongoing_requests,
-            ).bind(s.path, cfg.max_adapters, cfg.batch_window_ms)
-    gateway = Gateway.options(  # type: ignore[attr-defined]
-        num_replicas=dep.gateway_replicas,
-        ray_actor_options={"num_cpus": dep.gateway_num_cpus},
-    )
+    experts: dict[str, Any] = {
+        rec.spec.name: expert_deployment(rec.spec.name, rec.spec.path, dep)
+        for rec in svc.registry.list()
+        if isinstance(rec.spec, ModelSpec) and rec.spec.task == "generate"
+    }
+    gateway = Gateway.options(**deployment_options(dep.gateway))  # type: ignore[attr-defined]
     return gateway.bind(cfg.model_dump(mode="json"), experts)
 
 

@@ -1,28 +1,152 @@
-"""ExpertServer: one Ray Serve deployment per local base model; runs mixed-adapter batches."""
+"""ExpertServer: one Ray Serve deployment per local base model.
+
+* Adapters are loaded on demand through ``@serve.multiplexed`` (per-replica LRU of
+  `max_adapters`); the gateway sends ``multiplexed_model_id=<adapter>`` so traffic for one adapter
+  sticks to replicas that already hold it. Serve's eviction unloads the adapter only once no
+  in-flight request uses it.
+* Concurrent requests, whatever their adapters, are decoded together through ``@serve.batch``:
+  one forward per token for the whole batch, a different adapter per row.
+* Streams decode on their own and yield text as it settles; a client that goes away cancels them.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
 
 from ray import serve
 
-from concilium.experts.base import Generation, GenParams, Message, Target
-from concilium.experts.pool import ExpertPool
+from concilium.errors import ExpertFailed
+from concilium.experts.base import Generation, GenParams, Message, StreamItem, Target
+from concilium.experts.local import GenRequest, LocalCausalLM
+from concilium.experts.pool import stream_local
+
+log = logging.getLogger(__name__)
+
+
+class _Resident:
+    """Serve's handle on one loaded adapter; Serve calls __del__ when its LRU evicts it."""
+
+    def __init__(self, server: ExpertServer, name: str) -> None:
+        self.server, self.name = server, name
+
+    def __del__(self) -> None:
+        self.server._evicted(self.name)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
 class ExpertServer:
-    """Hosts one base model and loads its adapters on demand (per-replica LRU)."""
+    """Hosts one base model and its adapters; runs mixed-adapter batches."""
 
-    def __init__(self, model_path: str, max_adapters: int = 64, batch_window_ms: float = 2.0):
+    def __init__(
+        self,
+        model_path: str,
+        max_adapters: int = 8,
+        max_batch: int = 16,
+        batch_wait_ms: float = 2.0,
+    ) -> None:
+        # the model's own LRU is a safety net: Serve's multiplexing LRU is the real cap
+        self.lm = LocalCausalLM(Path(model_path), max_adapters=2 * max_adapters + 8)
         self.model_path = model_path
-        self.pool = ExpertPool(max_adapters=max_adapters, batch_window_ms=batch_window_ms)
-        self.pool.model(model_path)  # load now, not on the first request
+        self._paths: dict[str, str] = {}
+        self._inflight: Counter[str] = Counter()
+        self._unload_when_idle: set[str] = set()
+        self.stats: Counter[str] = Counter()
+        # Serve keeps its LRU / batch queue on the decorated function: decorate plain closures
+        # so the sizes can come from the config
 
+        async def load(name: str) -> _Resident:
+            return await self._load(name)
+
+        async def run_batch(requests: list[GenRequest]) -> list[Generation]:
+            return await self._run_batch(requests)
+
+        self._adapter = serve.multiplexed(max_num_models_per_replica=max_adapters)(load)
+        self._batch = serve.batch(
+            max_batch_size=max_batch, batch_wait_timeout_s=batch_wait_ms / 1e3
+        )(run_batch)
+
+    # -- adapters ----------------------------------------------------------------------------
+    async def _load(self, name: str) -> _Resident:
+        path = self._paths.get(name)
+        if path is None:
+            raise ExpertFailed(f"adapter {name!r}: no path was sent with the request")
+        self._unload_when_idle.discard(name)
+        await asyncio.to_thread(self.lm.ensure_adapter, name, path)
+        self.stats["adapter_loads"] += 1
+        return _Resident(self, name)
+
+    def _evicted(self, name: str) -> None:
+        self.stats["adapter_evictions"] += 1
+        if self._inflight[name]:
+            self._unload_when_idle.add(name)  # drain: the last request out unloads it
+        else:
+            self.lm.unload_adapter(name)
+
+    async def _acquire(self, target: Target) -> None:
+        if target.adapter is None:
+            return
+        if target.adapter_path is None:
+            raise ExpertFailed(f"adapter {target.adapter!r} came without its path")
+        self._paths[target.adapter] = target.adapter_path
+        self._inflight[target.adapter] += 1
+        await self._adapter(target.adapter)
+
+    def _release(self, target: Target) -> None:
+        a = target.adapter
+        if a is None:
+            return
+        self._inflight[a] -= 1
+        if not self._inflight[a] and a in self._unload_when_idle:
+            self._unload_when_idle.discard(a)
+            self.lm.unload_adapter(a)
+
+    # -- requests ----------------------------------------------------------------------------
     async def chat(
         self, target: Target, messages: Sequence[Message], params: GenParams
     ) -> Generation:
-        return await self.pool.chat(target, messages, params)
+        try:
+            await self._acquire(target)
+            gen: Generation = await self._batch(GenRequest(list(messages), params, target.adapter))
+            return gen
+        except asyncio.CancelledError:
+            self.stats["cancelled"] += 1
+            raise
+        finally:
+            self._release(target)
+
+    async def _run_batch(self, requests: list[GenRequest]) -> list[Generation]:
+        self.stats["batches"] += 1
+        self.stats["batched_rows"] += len(requests)
+        return await asyncio.to_thread(self.lm.generate_batch, requests)
+
+    async def chat_stream(
+        self, target: Target, messages: Sequence[Message], params: GenParams
+    ) -> AsyncIterator[StreamItem]:
+        await self._acquire(target)
+        try:
+            async for item in stream_local(
+                self.lm, GenRequest(list(messages), params, target.adapter)
+            ):
+                yield item
+        except asyncio.CancelledError:
+            self.stats["cancelled"] += 1
+            raise
+        finally:
+            self._release(target)
+
+    # -- introspection (tests, operators) ----------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        return {
+            "replica": serve.get_replica_context().replica_id.unique_id,
+            "adapters": self.lm.adapters,
+            "stats": dict(self.stats),
+        }
 
     def check_health(self) -> None:
-        self.pool.model(self.model_path)
+        if self.lm.model is None:  # pragma: no cover - the model is loaded in __init__
+            raise RuntimeError("model not loaded")

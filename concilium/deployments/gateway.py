@@ -2,35 +2,121 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from concilium.config import ServiceConfig
-from concilium.experts.base import Generation, GenParams, Message, Target
+from concilium.config import DeploymentConfig, ServiceConfig
+from concilium.errors import ConciliumError, ExpertUnavailable
+from concilium.experts.base import Generation, GenParams, Message, StreamItem, Target
 from concilium.experts.pool import ExpertPool
+
+log = logging.getLogger(__name__)
+
+
+def _unwrap(e: BaseException) -> BaseException:
+    """The ConciliumError a replica raised (Ray wraps it), else `e` itself."""
+    cause = getattr(e, "cause", None) if isinstance(e, RayTaskError) else None
+    return cause if isinstance(cause, ConciliumError) else e
+
+
+def _overloaded(target: Target, e: BackPressureError) -> ExpertUnavailable:
+    return ExpertUnavailable(
+        f"expert {target.expert!r} is at capacity (its request queue is full); retry later",
+        retry_after_s=getattr(e, "retry_after_s", None) or 1.0,
+    )
 
 
 class RayBackend:
-    """ExpertBackend over Serve handles; remote and embedding experts run in the gateway."""
+    """ExpertBackend over Serve handles; remote and embedding experts run in the gateway.
 
-    def __init__(self, handles: dict[str, DeploymentHandle], local: ExpertPool) -> None:
-        self.handles = handles  # model path -> ExpertServer handle
-        self.local = local
+    A request whose replica dies is retried once on another replica (Serve does not do this
+    itself); a full queue is a 503 with Retry-After; a late-registered model gets its own
+    ExpertServer application on first use.
+    """
+
+    def __init__(
+        self,
+        handles: dict[str, DeploymentHandle],
+        local: ExpertPool,
+        deployment: DeploymentConfig,
+        retries: int = 1,
+    ) -> None:
+        self.handles = dict(handles)  # model expert name -> ExpertServer handle
+        self.local, self.deployment, self.retries = local, deployment, retries
+        self.retried = 0
+        self._deploying: dict[str, asyncio.Task[DeploymentHandle]] = {}
 
     def model(self, path: Any) -> Any:  # the registration-time latency profiler loads here
         return self.local.model(path)
 
+    async def _handle(self, target: Target) -> DeploymentHandle | None:
+        path, name = target.model_path, target.model or target.expert
+        if target.remote is not None or path is None:
+            return None
+        if name not in self.handles:
+            from concilium.deployments.topology import deploy_expert_app
+
+            task = self._deploying.get(name)
+            if task is None:
+                task = asyncio.ensure_future(
+                    asyncio.to_thread(deploy_expert_app, name, path, self.deployment)
+                )
+                self._deploying[name] = task
+            self.handles[name] = await asyncio.shield(task)
+        return self.handles[name].options(multiplexed_model_id=target.adapter or "")
+
     async def chat(
         self, target: Target, messages: Sequence[Message], params: GenParams
     ) -> Generation:
-        handle = self.handles.get(target.model_path or "")
-        if handle is None:  # remote experts, or a model registered after this app was built
+        handle = await self._handle(target)
+        if handle is None:
             return await self.local.chat(target, messages, params)
-        gen: Generation = await handle.chat.remote(target, list(messages), params)
-        return gen
+        for attempt in range(self.retries + 1):
+            response = handle.chat.remote(target, list(messages), params)
+            try:
+                gen: Generation = await response
+                return gen
+            except asyncio.CancelledError:  # deadline or client gone: stop the replica's work
+                response.cancel()
+                raise
+            except BackPressureError as e:
+                raise _overloaded(target, e) from None
+            except RayActorError as e:
+                if attempt == self.retries:
+                    raise ExpertUnavailable(f"expert {target.expert!r}: replica died ({e})") from e
+                self.retried += 1
+                log.warning("replica of %s died mid-request; retrying once", target.expert)
+            except RayTaskError as e:
+                raise _unwrap(e) from None
+        raise AssertionError("unreachable")
+
+    async def chat_stream(
+        self, target: Target, messages: Sequence[Message], params: GenParams
+    ) -> AsyncIterator[StreamItem]:
+        handle = await self._handle(target)
+        if handle is None:
+            async for item in self.local.chat_stream(target, messages, params):
+                yield item
+            return
+        stream: Any = handle.options(stream=True).chat_stream.remote(target, list(messages), params)
+        try:
+            async for item in stream:
+                yield item
+        except BackPressureError as e:
+            raise _overloaded(target, e) from None
+        except RayActorError as e:
+            raise ExpertUnavailable(f"expert {target.expert!r}: replica died mid-stream") from e
+        except RayTaskError as e:
+            raise _unwrap(e) from None
+        finally:
+            stream.cancel()  # a no-op when finished; cancels the decode when the client left
 
     async def embed(self, target: Target, texts: Sequence[str]) -> list[list[float]]:
         return await self.local.embed(target, texts)
@@ -49,9 +135,11 @@ class Gateway:
 
         cfg = ServiceConfig.model_validate(config)
         local = ExpertPool(max_adapters=cfg.max_adapters, batch_window_ms=cfg.batch_window_ms)
-        self.service = build_service(cfg, backend=RayBackend(experts, local), seed=False)
+        self.backend = RayBackend(experts, local, cfg.deployment)
+        self.service = build_service(cfg, backend=self.backend, seed=False)
 
     def __serve_build_asgi_app__(self) -> Any:
         from concilium.orchestrator.http import create_app
 
-        return create_app(self.service)
+        replica = serve.get_replica_context().replica_id.unique_id
+        return create_app(self.service, instance=replica)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -20,6 +20,7 @@ class GenParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    min_tokens: int = 0  # end-of-sequence is suppressed until this many tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +32,16 @@ class Generation:
     completion_tokens: int
     finish_reason: str  # stop | length
     mean_logprob: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """A piece of streamed completion text. A stream is Deltas, then one final Generation."""
+
+    text: str
+
+
+StreamItem = Delta | Generation
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +64,10 @@ class ExpertBackend(Protocol):
     async def chat(
         self, target: Target, messages: Sequence[Message], params: GenParams
     ) -> Generation: ...
+
+    def chat_stream(
+        self, target: Target, messages: Sequence[Message], params: GenParams
+    ) -> AsyncIterator[StreamItem]: ...
 
     async def embed(self, target: Target, texts: Sequence[str]) -> list[list[float]]: ...
 

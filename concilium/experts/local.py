@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,6 +109,25 @@ class LocalCausalLM:
                     raise ExpertFailed(f"adapter {r.adapter!r} is not loaded on this replica")
             return _decode(self, requests)
 
+    def generate_stream(self, request: GenRequest, emit: Callable[[str], bool]) -> Generation:
+        """Decode one request, calling `emit(delta)` as text becomes final; emit False aborts."""
+        with self._lock:
+            if request.adapter is not None and request.adapter not in self._adapters:
+                raise ExpertFailed(f"adapter {request.adapter!r} is not loaded on this replica")
+            sent = [0]
+
+            def on_step(rows: Sequence[_Row]) -> bool:
+                text = rows[0].settled()
+                if len(text) > sent[0]:
+                    delta, sent[0] = text[sent[0] :], len(text)
+                    return emit(delta)
+                return True
+
+            gen = _decode(self, [request], on_step)[0]
+            if len(gen.text) > sent[0]:
+                emit(gen.text[sent[0] :])
+            return gen
+
     def measure_latency(self, tokens: int = 16) -> dict[str, float]:
         """Latency profile: fixed overhead and per-token time of a short greedy generation (ms)."""
         msgs = [{"role": "user", "content": "profile"}]
@@ -121,7 +140,12 @@ class LocalCausalLM:
         return {"latency_ms_overhead": (t1 - t0) * 1000, "latency_ms_per_token": per_token}
 
 
-def _decode(lm: LocalCausalLM, requests: Sequence[GenRequest]) -> list[Generation]:
+def _decode(
+    lm: LocalCausalLM,
+    requests: Sequence[GenRequest],
+    on_step: Callable[[Sequence[_Row]], bool] | None = None,
+) -> list[Generation]:
+    """Greedy/sampled decode of all rows; `on_step(rows)` after each token, False stops early."""
     import torch
 
     tok = lm.tokenizer
@@ -145,7 +169,7 @@ def _decode(lm: LocalCausalLM, requests: Sequence[GenRequest]) -> list[Generatio
         for _ in range(max(max_new)):
             logits = out.logits[:, -1, :].float()  # [B, V]
             nxt = torch.stack([g.step(logits[i]) for i, g in enumerate(gens)])  # [B]
-            if all(g.done for g in gens):
+            if all(g.done for g in gens) or (on_step is not None and not on_step(gens)):
                 break
             attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
             pos = pos[:, -1:] + 1
@@ -189,6 +213,9 @@ class _Row:
         pad = torch.tensor(self.tok.pad_token_id)
         if self.done:
             return pad
+        if len(self.ids) < self.params.min_tokens and self.tok.eos_token_id is not None:
+            logits = logits.clone()
+            logits[self.tok.eos_token_id] = float("-inf")
         logp = torch.log_softmax(logits, -1)  # [V]
         nxt = self._sample(logits)
         if nxt == self.tok.eos_token_id:
@@ -221,6 +248,13 @@ class _Row:
                 return
         if len(self.ids) >= self.max_new:
             self.done = True
+
+    def settled(self) -> str:
+        """The text that no later stop sequence can retract (all of it once done)."""
+        if self.done or not self.params.stop:
+            return self.text
+        hold = max(len(s) for s in self.params.stop) - 1
+        return self.text[: max(len(self.text) - hold, 0)]
 
     def result(self, prompt_tokens: int) -> Generation:
         if not self.params.stop:

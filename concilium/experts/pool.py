@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
 from concilium.errors import ExpertFailed
-from concilium.experts.base import Generation, GenParams, Message, Target
+from concilium.experts.base import Delta, Generation, GenParams, Message, StreamItem, Target
+from concilium.experts.breaker import CircuitBreaker
 from concilium.experts.embedder import SentenceEncoder
 from concilium.experts.local import GenRequest, LocalCausalLM
 from concilium.experts.remote import RemoteExpert
@@ -65,6 +66,40 @@ class _Batcher:
                     p.future.set_result(g)
 
 
+async def stream_local(lm: LocalCausalLM, request: GenRequest) -> AsyncIterator[StreamItem]:
+    """Decode one request in a worker thread, yielding Deltas as they settle, then the Generation.
+
+    Closing the iterator (the client went away) stops the decode at its next token.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[StreamItem | BaseException] = asyncio.Queue()
+    cancelled = threading.Event()
+
+    def emit(text: str) -> bool:
+        loop.call_soon_threadsafe(queue.put_nowait, Delta(text))
+        return not cancelled.is_set()
+
+    def work() -> None:
+        try:
+            item: StreamItem | BaseException = lm.generate_stream(request, emit)
+        except BaseException as e:  # delivered to the consumer, raised there
+            item = e
+        loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    task = loop.run_in_executor(None, work)
+    try:
+        while True:
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if isinstance(item, Generation):
+                return
+    finally:
+        cancelled.set()
+        await asyncio.shield(task)
+
+
 class ExpertPool:
     """The in-process ExpertBackend."""
 
@@ -75,8 +110,10 @@ class ExpertPool:
         max_adapters: int = 64,
         max_batch: int = 16,
         batch_window_ms: float = 2.0,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self.client = client or httpx.AsyncClient()
+        self.breaker = breaker or CircuitBreaker()
         self.max_adapters = max_adapters
         self.max_batch = max_batch
         self.window_s = batch_window_ms / 1000
@@ -97,17 +134,49 @@ class ExpertPool:
         self, target: Target, messages: Sequence[Message], params: GenParams
     ) -> Generation:
         if target.remote is not None:
-            return await RemoteExpert(target.remote, self.client).chat(messages, params)
+            return await self._remote_chat(target, messages, params)
         if target.model_path is None:
             raise ExpertFailed(f"expert {target.expert!r} has no runnable model")
-        lm = await asyncio.to_thread(self.model, target.model_path)
-        if target.adapter is not None:
-            assert target.adapter_path is not None
-            await asyncio.to_thread(lm.ensure_adapter, target.adapter, target.adapter_path)
+        lm = await self._ready(target)
         key = target.model_path
         if key not in self._batchers:
             self._batchers[key] = _Batcher(lm, self.max_batch, self.window_s)
         return await self._batchers[key].submit(GenRequest(messages, params, target.adapter))
+
+    async def _remote_chat(
+        self, target: Target, messages: Sequence[Message], params: GenParams
+    ) -> Generation:
+        assert target.remote is not None
+        key = target.expert
+        self.breaker.check(key)
+        try:
+            gen = await RemoteExpert(target.remote, self.client).chat(messages, params)
+        except ExpertFailed:
+            self.breaker.failure(key)
+            raise
+        self.breaker.success(key)
+        return gen
+
+    async def chat_stream(
+        self, target: Target, messages: Sequence[Message], params: GenParams
+    ) -> AsyncIterator[StreamItem]:
+        """Local experts stream token by token; a remote expert's answer arrives as one piece."""
+        if target.remote is not None or target.model_path is None:
+            gen = await self.chat(target, messages, params)
+            yield Delta(gen.text)
+            yield gen
+            return
+        lm = await self._ready(target)
+        async for item in stream_local(lm, GenRequest(messages, params, target.adapter)):
+            yield item
+
+    async def _ready(self, target: Target) -> LocalCausalLM:
+        assert target.model_path is not None
+        lm = await asyncio.to_thread(self.model, target.model_path)
+        if target.adapter is not None:
+            assert target.adapter_path is not None
+            await asyncio.to_thread(lm.ensure_adapter, target.adapter, target.adapter_path)
+        return lm
 
     async def embed(self, target: Target, texts: Sequence[str]) -> list[list[float]]:
         if target.remote is not None:

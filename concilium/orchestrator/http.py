@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -48,9 +46,11 @@ def error_body(message: str, err_type: str, field: str | None = None) -> dict[st
     return {"error": {"message": message, "type": err_type, "param": field, "code": None}}
 
 
-def create_app(service: Service) -> FastAPI:
+def create_app(service: Service, instance: str = "local") -> FastAPI:
+    """The app over one Service; `instance` names this replica in /health."""
     app = FastAPI(title="concilium", version="0.1.0")
     app.state.service = service
+    app.state.instance = instance
     _install_error_handlers(app)
     _install_metrics(app, service)
     _inference_routes(app, service)
@@ -65,7 +65,12 @@ def _inference_routes(app: FastAPI, service: Service) -> None:
     @app.get("/health")
     def health() -> dict[str, Any]:
         cat = orch.catalogs.get()
-        return {"status": "ok", "registry_version": cat.version, "experts": len(cat.entries)}
+        return {
+            "status": "ok",
+            "instance": app.state.instance,
+            "registry_version": cat.version,
+            "experts": len(cat.entries),
+        }
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
@@ -87,12 +92,11 @@ def _inference_routes(app: FastAPI, service: Service) -> None:
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(req: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
+        if req.stream:
+            headers, events = await orch.chat_stream(req)
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
         out = await orch.chat(req)
         metrics.observe_routing(out.body["routing"])
-        if req.stream:
-            return StreamingResponse(
-                _sse(out.body), media_type="text/event-stream", headers=out.headers
-            )
         return JSONResponse(out.body, headers=out.headers)
 
     @app.post("/v1/embeddings")
@@ -156,28 +160,6 @@ def record_json(rec: ExpertRecord) -> dict[str, Any]:
     }
 
 
-async def _sse(body: dict[str, Any]) -> AsyncIterator[bytes]:
-    """The finished completion as OpenAI chat.completion.chunk events (role, content, finish)."""
-    choice = body["choices"][0]
-    base = {
-        "id": body["id"],
-        "object": "chat.completion.chunk",
-        "created": body["created"],
-        "model": body["model"],
-    }
-    deltas = [
-        ({"role": "assistant", "content": ""}, None),
-        ({"content": choice["message"]["content"]}, None),
-        ({}, choice["finish_reason"]),
-    ]
-    for i, (delta, finish) in enumerate(deltas):
-        chunk = base | {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-        if i == len(deltas) - 1:
-            chunk |= {"usage": body["usage"], "routing": body["routing"]}
-        yield f"data: {json.dumps(chunk)}\n\n".encode()
-    yield b"data: [DONE]\n\n"
-
-
 def _install_metrics(app: FastAPI, service: Service) -> None:
     app.state.metrics = metrics = Metrics()
 
@@ -201,8 +183,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         code = status_of(exc)
         if code >= 500:
             log.error("%s %s failed: %s", request.method, request.url.path, exc)
+        retry = getattr(exc, "retry_after_s", None)
+        headers = {"Retry-After": str(max(1, round(retry)))} if retry is not None else None
         return JSONResponse(
-            error_body(exc.message, type(exc).__name__, exc.field), status_code=code
+            error_body(exc.message, type(exc).__name__, exc.field),
+            status_code=code,
+            headers=headers,
         )
 
     @app.exception_handler(RequestValidationError)

@@ -7,16 +7,27 @@ satisfy the caller's objective, then executes it on an
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from concilium.errors import ExpertFailed, InvalidInput, ObjectiveUnsatisfiable, UnknownModel
-from concilium.experts.base import ExpertBackend, Generation, GenParams, Message
+import numpy as np
+
+from concilium.errors import (
+    ExpertFailed,
+    ExpertTimeout,
+    InvalidInput,
+    ObjectiveUnsatisfiable,
+    UnknownModel,
+)
+from concilium.experts.base import ExpertBackend, Generation, GenParams, Message, StreamItem
 from concilium.orchestrator.catalog import Catalog, CatalogCache, Entry, estimate_tokens, priced
+from concilium.orchestrator.encoding import BatchingEncoder
 from concilium.orchestrator.objective import Objective
 from concilium.orchestrator.schemas import ChatCompletionRequest, EmbeddingRequest, RoutingOptions
 from concilium.registry.index import TextEncoder
@@ -55,6 +66,7 @@ class Orchestrator:
         default_max_tokens: int = 64,
         max_fallbacks: int = 2,
         refresh_s: float = 0.2,
+        request_timeout_s: float = 120.0,
     ) -> None:
         if default_router not in routers:
             raise InvalidInput(f"default router {default_router!r} is not among {sorted(routers)}")
@@ -63,7 +75,9 @@ class Orchestrator:
         self.default_router = default_router
         self.default_max_tokens = default_max_tokens
         self.max_fallbacks = max_fallbacks
+        self.request_timeout_s = request_timeout_s
         self.catalogs = CatalogCache(registry, refresh_s=refresh_s)
+        self.query_encoder = BatchingEncoder(encoder)
         self._prepared: dict[str, int] = {}
 
     # -- routing (pure decision; also used by the CLI `route` command) ---------------------------
@@ -75,6 +89,7 @@ class Orchestrator:
         objective: Objective | None = None,
         task: str = "generate",
         max_tokens: int | None = None,
+        embedding: np.ndarray | None = None,
     ) -> Routed:
         objective = objective or Objective()
         catalog = self.catalogs.get()
@@ -99,7 +114,9 @@ class Orchestrator:
             )
         else:
             self._prepare(router, catalog, task)
-            query = Query(text=text, embedding=self.encoder.encode([text])[0])
+            if embedding is None:
+                embedding = self.encoder.encode([text])[0]
+            query = Query(text=text, embedding=embedding)
             decision = router.route(query, cands)
         return Routed(decision, {c.name: c for c in cands}, catalog)
 
@@ -146,6 +163,15 @@ class Orchestrator:
     # -- execution ------------------------------------------------------------------------------
     async def chat(self, req: ChatCompletionRequest) -> Outcome:
         t0 = time.perf_counter()
+        routed, messages, params = await self._routed_chat(req)
+        deadline = Deadline.of(req.routing, self.request_timeout_s)
+        expert, gen, tried = await self._dispatch(routed, messages, params, deadline)
+        latency_ms = (time.perf_counter() - t0) * 1000
+        return self._chat_outcome(req, routed, expert, gen, tried, latency_ms)
+
+    async def _routed_chat(
+        self, req: ChatCompletionRequest
+    ) -> tuple[Routed, list[Message], GenParams]:
         _refuse_unsupported(req.routing)
         try:
             messages: list[Message] = [{"role": m.role, "content": m.text()} for m in req.messages]
@@ -157,40 +183,123 @@ class Orchestrator:
             top_p=req.top_p,
             stop=req.stops(),
             seed=req.seed,
+            min_tokens=req.min_tokens,
         )
+        text = _query_text(messages)
         routed = self.route(
-            _query_text(messages),
+            text,
             model=req.model,
             objective=Objective.from_options(req.routing),
             max_tokens=params.max_tokens,
+            embedding=await self._embed_query(req.model, text),
         )
-        expert, gen, tried = await self._dispatch(routed, messages, params)
-        latency_ms = (time.perf_counter() - t0) * 1000
-        return self._chat_outcome(req, routed, expert, gen, tried, latency_ms)
+        return routed, messages, params
 
-    async def _dispatch(
-        self, routed: Routed, messages: list[Message], params: GenParams
-    ) -> tuple[Entry, Generation, list[str]]:
+    async def _embed_query(self, model: str, text: str) -> np.ndarray | None:
+        """The query embedding when a router will need it (batched with concurrent requests)."""
+        if model == "auto" or model.startswith("router-"):
+            return await self.query_encoder.encode(text)
+        return None
+
+    def _order(self, routed: Routed) -> list[str]:
+        """The chosen expert(s), then fallbacks by score: all inside the allowed set."""
         d = routed.decision
         order = list(d.experts) + [n for n in d.ranked() if n not in d.experts]
-        order = order[: 1 + self.max_fallbacks] if d.router != "direct" else order[:1]
+        return order[: 1 + self.max_fallbacks] if d.router != "direct" else order[:1]
+
+    async def _dispatch(
+        self, routed: Routed, messages: list[Message], params: GenParams, deadline: Deadline
+    ) -> tuple[Entry, Generation, list[str]]:
+        order = self._order(routed)
         tried: list[str] = []
         last: ExpertFailed | None = None
         for name in order:
             entry = routed.catalog.entries[name]
             tried.append(name)
             try:
-                return entry, await self.backend.chat(entry.target, messages, params), tried
+                call = self.backend.chat(entry.target, messages, params)
+                return entry, await deadline.run(call), tried
+            except ExpertTimeout:
+                raise  # the caller's deadline is spent: no fallback can answer in time
             except ExpertFailed as e:
-                log.warning(
-                    "expert %s failed (%s); %s",
-                    name,
-                    e,
-                    "falling back" if name != order[-1] else "no fallback left",
-                )
+                _log_failure(name, e, last_one=name == order[-1])
                 last = e
         assert last is not None
         raise last
+
+    # -- streaming ------------------------------------------------------------------------------
+    async def chat_stream(
+        self, req: ChatCompletionRequest
+    ) -> tuple[dict[str, str], AsyncIterator[bytes]]:
+        """Headers (known once the first piece arrived) and the SSE byte stream.
+
+        Fallback to the next candidate happens only before anything was streamed; a failure
+        after that ends the stream with an explicit SSE error event.
+        """
+        t0 = time.perf_counter()
+        routed, messages, params = await self._routed_chat(req)
+        deadline = Deadline.of(req.routing, self.request_timeout_s)
+        entry, first, stream, tried = await self._open_stream(routed, messages, params, deadline)
+        routing = _routing_object(routed, entry, 0.0, (time.perf_counter() - t0) * 1000, tried)
+        events = self._sse(routed, entry, first, stream, tried, deadline, t0)
+        return routing_headers(routing), events
+
+    async def _open_stream(
+        self, routed: Routed, messages: list[Message], params: GenParams, deadline: Deadline
+    ) -> tuple[Entry, StreamItem, AsyncIterator[StreamItem], list[str]]:
+        order = self._order(routed)
+        tried: list[str] = []
+        last: ExpertFailed | None = None
+        for name in order:
+            entry = routed.catalog.entries[name]
+            tried.append(name)
+            stream = self.backend.chat_stream(entry.target, messages, params)
+            try:
+                return entry, await deadline.run(anext(stream)), stream, tried
+            except ExpertTimeout:
+                raise
+            except ExpertFailed as e:
+                _log_failure(name, e, last_one=name == order[-1])
+                last = e
+        assert last is not None
+        raise last
+
+    async def _sse(
+        self,
+        routed: Routed,
+        entry: Entry,
+        first: StreamItem,
+        stream: AsyncIterator[StreamItem],
+        tried: list[str],
+        deadline: Deadline,
+        t0: float,
+    ) -> AsyncIterator[bytes]:
+        d = routed.decision
+        meta = {
+            "id": f"chatcmpl-{d.decision_id}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": entry.spec.name,
+        }
+        yield _event(meta, {"role": "assistant", "content": ""})
+        item = first
+        try:
+            while not isinstance(item, Generation):
+                yield _event(meta, {"content": item.text})
+                item = await deadline.run(anext(stream))
+        except ExpertFailed as e:
+            yield _error_event(e.message, type(e).__name__)
+            return
+        except Exception:
+            log.exception("stream of %s broke", entry.spec.name)
+            yield _error_event("internal error while streaming", "internal_error")
+            return
+        finally:
+            await _aclose(stream)
+        cost = _cost(entry, item)
+        routing = _routing_object(routed, entry, cost, (time.perf_counter() - t0) * 1000, tried)
+        yield _event(meta, {}, item.finish_reason, usage=_usage(item), routing=routing)
+        yield b"data: [DONE]\n\n"
 
     def _chat_outcome(
         self,
@@ -201,11 +310,8 @@ class Orchestrator:
         tried: list[str],
         latency_ms: float,
     ) -> Outcome:
-        s, d = entry.spec, routed.decision
-        cost = (
-            gen.prompt_tokens * s.price_in_per_1k + gen.completion_tokens * s.price_out_per_1k
-        ) / 1000
-        routing = _routing_object(routed, entry, cost, latency_ms, tried)
+        d = routed.decision
+        routing = _routing_object(routed, entry, _cost(entry, gen), latency_ms, tried)
         body = {
             "id": f"chatcmpl-{d.decision_id}",
             "object": "chat.completion",
@@ -218,11 +324,7 @@ class Orchestrator:
                     "message": {"role": "assistant", "content": gen.text},
                 }
             ],
-            "usage": {
-                "prompt_tokens": gen.prompt_tokens,
-                "completion_tokens": gen.completion_tokens,
-                "total_tokens": gen.prompt_tokens + gen.completion_tokens,
-            },
+            "usage": _usage(gen),
             "routing": routing,
         }
         return Outcome(body=body, headers=routing_headers(routing))
@@ -241,6 +343,7 @@ class Orchestrator:
             task="embed",
             objective=Objective.from_options(req.routing),
             max_tokens=1,
+            embedding=await self._embed_query(req.model, texts[0]),
         )
         entry = routed.catalog.entries[routed.decision.expert]
         vectors = await self.backend.embed(entry.target, texts)
@@ -253,12 +356,94 @@ class Orchestrator:
             "object": "list",
             "model": entry.spec.name,
             "data": [
-                {"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)
+                {"object": "embedding", "index": i, "embedding": _encode(v, req.encoding_format)}
+                for i, v in enumerate(vectors)
             ],
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             "routing": routing,
         }
         return Outcome(body=body, headers=routing_headers(routing))
+
+
+@dataclass(frozen=True, slots=True)
+class Deadline:
+    """When the caller stops waiting; awaiting past it cancels the expert's work (HTTP 504)."""
+
+    at: float  # time.monotonic()
+    budget_ms: float
+    field: str | None
+
+    @classmethod
+    def of(cls, opts: RoutingOptions | None, default_s: float) -> Deadline:
+        if opts is not None and opts.deadline_ms is not None:
+            return cls(
+                time.monotonic() + opts.deadline_ms / 1000, opts.deadline_ms, "routing.deadline_ms"
+            )
+        return cls(time.monotonic() + default_s, default_s * 1000, None)
+
+    async def run(self, awaitable: Any) -> Any:
+        left = self.at - time.monotonic()
+        try:
+            if left <= 0:
+                raise TimeoutError
+            return await asyncio.wait_for(awaitable, left)
+        except TimeoutError:
+            if asyncio.iscoroutine(awaitable):
+                awaitable.close()
+            raise ExpertTimeout(
+                f"request exceeded its deadline of {self.budget_ms:.0f} ms; the expert's work "
+                "was cancelled",
+                field=self.field,
+            ) from None
+
+
+def _log_failure(name: str, err: ExpertFailed, *, last_one: bool) -> None:
+    log.warning(
+        "expert %s failed (%s); %s", name, err, "no fallback left" if last_one else "falling back"
+    )
+
+
+def _encode(vector: list[float], fmt: str) -> list[float] | str:
+    if fmt == "base64":
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+    return vector
+
+
+def _cost(entry: Entry, gen: Generation) -> float:
+    s = entry.spec
+    return (
+        gen.prompt_tokens * s.price_in_per_1k + gen.completion_tokens * s.price_out_per_1k
+    ) / 1000
+
+
+def _usage(gen: Generation) -> dict[str, int]:
+    return {
+        "prompt_tokens": gen.prompt_tokens,
+        "completion_tokens": gen.completion_tokens,
+        "total_tokens": gen.prompt_tokens + gen.completion_tokens,
+    }
+
+
+def _event(
+    meta: dict[str, Any], delta: dict[str, Any], finish: str | None = None, **extra: Any
+) -> bytes:
+    chunk = meta | {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]} | extra
+    return f"data: {json.dumps(chunk)}\n\n".encode()
+
+
+def _error_event(message: str, err_type: str) -> bytes:
+    """An explicit SSE error event (OpenAI clients raise it) ending a broken stream."""
+    body = {"error": {"message": message, "type": err_type, "code": None}}
+    return f"data: {json.dumps(body)}\n\n".encode()
+
+
+async def _aclose(stream: AsyncIterator[StreamItem]) -> None:
+    close = getattr(stream, "aclose", None)
+    if close is not None:
+        try:
+            await close()
+        except Exception as e:  # a stream that died while closing: nothing left to cancel
+            log.debug("closing an expert stream failed: %s", e)
 
 
 def _refuse_unsupported(opts: RoutingOptions | None) -> None:

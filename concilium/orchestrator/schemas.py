@@ -43,6 +43,11 @@ class RoutingOptions(BaseModel):
     excluded_experts: list[str] = Field(
         default_factory=list, description="These experts may never answer."
     )
+    deadline_ms: float | None = Field(
+        default=None,
+        gt=0,
+        description="Give up (HTTP 504) and cancel the expert's work after this many ms.",
+    )
     token_routing: TokenRouting | None = Field(
         default=None, description="Token-level adapter mixing inside the expert replica."
     )
@@ -84,6 +89,9 @@ class ChatCompletionRequest(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(default=None, ge=1, le=8192)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=8192)
+    min_tokens: int = Field(
+        default=0, ge=0, le=8192, description="Suppress end-of-sequence before this many (vLLM's)."
+    )
     temperature: float = Field(default=0.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     n: int = Field(default=1, ge=1, le=1, description="Only n=1 is supported.")
@@ -112,7 +120,9 @@ class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str = Field(default="auto", min_length=1)
     input: str | list[str] = Field(description="Text or list of texts to embed.")
-    encoding_format: Literal["float"] = "float"
+    encoding_format: Literal["float", "base64"] = Field(
+        default="float", description="float lists, or base64 of little-endian float32 (openai's)."
+    )
     routing: RoutingOptions | None = None
 
     def texts(self) -> list[str]:

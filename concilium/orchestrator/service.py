@@ -87,6 +87,7 @@ def build_service(
         config.default_router,
         default_max_tokens=config.default_max_tokens,
         max_fallbacks=config.max_fallbacks,
+        request_timeout_s=config.request_timeout_s,
     )
     if seed:
         seed_registry(registry, config)

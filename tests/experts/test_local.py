@@ -78,3 +78,38 @@ def test_lru_evicts_and_reloads(pack: dict) -> None:  # type: ignore[type-arg]
     row = _row(pack, names[0])
     g = lm.generate([{"role": "user", "content": row["query"]}], GenParams(max_tokens=24), names[0])
     assert g.text == row["answer"] and lm.adapters == [names[2], names[0]]
+
+
+def test_min_tokens_suppresses_the_end_of_sequence(lm: LocalCausalLM, pack: dict) -> None:  # type: ignore[type-arg]
+    s = pack["manifest"]["experts"][0]["name"]
+    msgs = [{"role": "user", "content": _row(pack, s)["query"]}]
+    short = lm.generate(msgs, GenParams(max_tokens=40), s)
+    assert short.completion_tokens < 20
+    g = lm.generate(msgs, GenParams(max_tokens=40, min_tokens=30), s)
+    assert g.completion_tokens >= 30 and g.text.startswith(short.text)
+
+
+def test_stream_pieces_add_up_to_the_batch_answer(lm: LocalCausalLM, pack: dict) -> None:  # type: ignore[type-arg]
+    s = pack["manifest"]["experts"][0]["name"]
+    msgs = [{"role": "user", "content": _row(pack, s)["query"]}]
+    full = lm.generate(msgs, GenParams(max_tokens=32), s)
+    for params in (GenParams(max_tokens=32), GenParams(max_tokens=32, stop=(full.text[2:4],))):
+        pieces: list[str] = []
+
+        def emit(t: str, pieces: list[str] = pieces) -> bool:
+            pieces.append(t)
+            return True
+
+        gen = lm.generate_stream(GenRequest(msgs, params, s), emit)
+        assert "".join(pieces) == gen.text == lm.generate(msgs, params, s).text
+        assert len(pieces) >= 1
+
+
+def test_stream_stops_when_the_consumer_goes_away(lm: LocalCausalLM, pack: dict) -> None:  # type: ignore[type-arg]
+    s = pack["manifest"]["experts"][0]["name"]
+    msgs = [{"role": "user", "content": _row(pack, s)["query"]}]
+    pieces: list[str] = []
+    gen = lm.generate_stream(
+        GenRequest(msgs, GenParams(max_tokens=32), s), lambda t: pieces.append(t) and False
+    )
+    assert len(pieces) == 1 and gen.completion_tokens == 1

@@ -79,3 +79,32 @@ def test_embeddings_are_ordered_by_index() -> None:
         )
 
     assert run(handler, lambda e: e.embed(["a", "b"])) == [[1.0], [2.0]]
+
+
+def test_pool_circuit_breaker_stops_calling_a_failing_endpoint() -> None:
+    from concilium.experts.base import Target
+    from concilium.experts.breaker import CircuitBreaker
+    from concilium.experts.pool import ExpertPool
+
+    hits = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        hits.append(1)
+        return httpx.Response(500, json={"error": "boom"})
+
+    async def go() -> list[str]:
+        client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        pool = ExpertPool(client=client, breaker=CircuitBreaker(threshold=2, cooldown_s=60))
+        target = Target(expert="r", kind="remote", remote=SPEC)
+        errors = []
+        for _ in range(4):
+            try:
+                await pool.chat(target, MSGS, GenParams())
+            except ExpertFailed as e:
+                errors.append(type(e).__name__ + ":" + str(e))
+        await pool.aclose()
+        return errors
+
+    errors = asyncio.run(go())
+    assert len(hits) == 2 and len(errors) == 4
+    assert all("cooling down" in e for e in errors[2:])

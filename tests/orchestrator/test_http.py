@@ -223,8 +223,23 @@ def test_embeddings_route_among_embed_experts(client: TestClient) -> None:
     assert client.post("/v1/embeddings", json={"input": []}).status_code == 400
 
 
+def test_embeddings_in_base64_as_the_openai_client_asks(client: TestClient) -> None:
+    import base64
+
+    import numpy as np
+
+    r = client.post("/v1/embeddings", json={"input": ["abc"], "encoding_format": "base64"})
+    raw = base64.b64decode(r.json()["data"][0]["embedding"])
+    assert np.frombuffer(raw, dtype="<f4").tolist() == [3.0, 1.0]
+
+
 def test_health(client: TestClient) -> None:
-    assert client.get("/health").json() == {"status": "ok", "registry_version": 3, "experts": 3}
+    assert client.get("/health").json() == {
+        "status": "ok",
+        "instance": "local",
+        "registry_version": 3,
+        "experts": 3,
+    }
 
 
 def test_metrics_count_requests_decisions_and_fallbacks(

@@ -1,0 +1,63 @@
+"""Circuit breaker for remote experts: stop calling an endpoint that keeps failing, for a while.
+
+After `threshold` consecutive failures an endpoint is *open*: calls fail at once with
+ExpertUnavailable (so the orchestrator falls back within the caller's allowed set) until
+`cooldown_s` has passed; then one trial call is let through (*half-open*) and its outcome closes
+the circuit again or re-opens it for another cooldown.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from concilium.errors import ExpertUnavailable
+
+
+@dataclass
+class _State:
+    failures: int = 0
+    open_until: float = 0.0
+    trial: bool = False  # a half-open trial call is in flight
+
+
+class CircuitBreaker:
+    def __init__(
+        self,
+        threshold: int = 3,
+        cooldown_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if threshold < 1 or cooldown_s < 0:
+            raise ValueError("threshold must be >= 1 and cooldown_s >= 0")
+        self.threshold, self.cooldown_s, self.clock = threshold, cooldown_s, clock
+        self._states: dict[str, _State] = {}
+
+    def check(self, key: str) -> None:
+        """Raise ExpertUnavailable while `key` is open; admit one trial call after the cooldown."""
+        st = self._states.get(key)
+        if st is None or st.failures < self.threshold:
+            return
+        wait = st.open_until - self.clock()
+        if wait <= 0 and not st.trial:
+            st.trial = True
+            return
+        raise ExpertUnavailable(
+            f"remote expert {key!r} is cooling down after {st.failures} consecutive failures",
+            retry_after_s=max(wait, 1.0),
+        )
+
+    def success(self, key: str) -> None:
+        self._states.pop(key, None)
+
+    def failure(self, key: str) -> None:
+        st = self._states.setdefault(key, _State())
+        st.failures += 1
+        st.trial = False
+        if st.failures >= self.threshold:
+            st.open_until = self.clock() + self.cooldown_s
+
+    def is_open(self, key: str) -> bool:
+        st = self._states.get(key)
+        return st is not None and st.failures >= self.threshold

@@ -1,0 +1,118 @@
+"""Deadlines, streaming failures, fallback before the first streamed piece, Retry-After."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from concilium.config import load_config
+from concilium.errors import ExpertUnavailable
+from concilium.experts.base import Generation, GenParams, Message, Target
+from concilium.orchestrator.http import create_app
+from concilium.orchestrator.service import build_service
+from tests.conftest import FakeBackend, HashEncoder, remote_spec
+
+EXPERTS = [
+    remote_spec("reverse", ["reverse the word", "spell the word backwards"]),
+    remote_spec("math", ["add the numbers", "what is the sum of numbers"]),
+]
+
+
+@pytest.fixture
+def client(tmp_path: Path, backend: FakeBackend) -> Iterator[TestClient]:
+    cfg = load_config(None, home=tmp_path, seed_embedder=False)
+    svc = build_service(cfg, encoder=HashEncoder(), backend=backend, seed=False)
+    for s in EXPERTS:
+        svc.registry.register(s)
+    with TestClient(create_app(svc)) as c:
+        yield c
+
+
+def body(content: str, **kw: object) -> dict[str, object]:
+    return {"messages": [{"role": "user", "content": content}], **kw}
+
+
+def sse(client: TestClient, payload: dict[str, object]) -> tuple[int, list[str]]:
+    with client.stream("POST", "/v1/chat/completions", json=payload) as r:
+        return r.status_code, [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ")]
+
+
+def test_deadline_is_a_504_naming_the_field_and_cancels_the_expert(
+    client: TestClient, backend: FakeBackend
+) -> None:
+    backend.delay_s["reverse"] = 5.0
+    r = client.post(
+        "/v1/chat/completions",
+        json=body("reverse the word", model="reverse", routing={"deadline_ms": 100}),
+    )
+    assert r.status_code == 504, r.text
+    err = r.json()["error"]
+    assert err["param"] == "routing.deadline_ms" and "100 ms" in err["message"]
+    assert backend.cancelled == ["reverse"]
+
+
+def test_deadline_spent_is_not_followed_by_a_fallback(
+    client: TestClient, backend: FakeBackend
+) -> None:
+    backend.delay_s["reverse"] = 5.0
+    r = client.post(
+        "/v1/chat/completions", json=body("reverse the word", routing={"deadline_ms": 100})
+    )
+    assert r.status_code == 504 and [c[0] for c in backend.calls] == ["reverse"]
+
+
+def test_stream_arrives_in_pieces_with_routing_on_the_last_chunk(client: TestClient) -> None:
+    code, data = sse(client, body("reverse the word", stream=True))
+    assert code == 200 and data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    pieces = [c["choices"][0]["delta"].get("content") for c in chunks[1:-1]]
+    assert len(pieces) > 2 and "".join(pieces) == "reverse:reverse the word"
+    last = chunks[-1]
+    assert last["choices"][0]["finish_reason"] == "stop"
+    assert last["routing"]["expert"] == "reverse" and last["usage"]["completion_tokens"] == 5
+
+
+def test_stream_falls_back_before_the_first_piece(client: TestClient, backend: FakeBackend) -> None:
+    backend.fail.add("reverse")
+    code, data = sse(client, body("reverse the word", stream=True))
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert code == 200 and chunks[-1]["routing"]["expert"] == "math"
+    assert chunks[-1]["routing"]["fallbacks"] == ["math"]
+
+
+def test_stream_broken_midway_ends_with_an_error_event(
+    client: TestClient, backend: FakeBackend
+) -> None:
+    backend.fail_mid_stream.add("reverse")
+    code, data = sse(client, body("reverse the word", stream=True, model="reverse"))
+    assert code == 200 and data[-1] != "[DONE]"
+    err = json.loads(data[-1])["error"]
+    assert err["type"] == "ExpertUnavailable" and "mid-stream" in err["message"]
+
+
+def test_stream_past_its_deadline_ends_with_an_error_event(
+    client: TestClient, backend: FakeBackend
+) -> None:
+    backend.delay_s["reverse"] = 5.0
+    code, _ = sse(
+        client, body("reverse the word", stream=True, model="reverse", routing={"deadline_ms": 50})
+    )
+    assert code == 504
+
+
+class Overloaded(FakeBackend):
+    async def chat(self, target: Target, messages: list[Message], params: GenParams) -> Generation:  # type: ignore[override]
+        raise ExpertUnavailable("queue full", retry_after_s=2.4)
+
+
+def test_overload_is_a_503_with_retry_after(tmp_path: Path) -> None:
+    cfg = load_config(None, home=tmp_path, seed_embedder=False)
+    svc = build_service(cfg, encoder=HashEncoder(), backend=Overloaded(), seed=False)
+    svc.registry.register(EXPERTS[0])
+    with TestClient(create_app(svc)) as c:
+        r = c.post("/v1/chat/completions", json=body("reverse", model="reverse"))
+    assert r.status_code == 503 and r.headers["retry-after"] == "2"
