@@ -12,7 +12,6 @@ connections to 127.0.0.1, bounded in requests), alternating rounds; best round o
     python benchmarks/gateway_overhead.py [--quick] [--requests 2000] [--concurrency 64]
 """
 
-from __future__ import annotations
 
 import argparse
 import asyncio
