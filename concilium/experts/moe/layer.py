@@ -18,6 +18,7 @@ from torch import nn
 
 from concilium.errors import ConfigError
 from concilium.experts.moe.kernels.decode import decode_moe
+from concilium.experts.moe.kernels.dense import dense_moe
 from concilium.experts.moe.kernels.grouped import grouped_mm_fits, grouped_moe
 from concilium.experts.moe.kernels.onednn import PackCache
 from concilium.experts.moe.reference import reference_moe, shared_swiglu, split_w13
@@ -65,16 +66,28 @@ class DecodeBackend(MoEBackend):
         return decode_moe(x, w13, w2, weights, idxs, packed=self.packs.get(w13, w2))
 
 
+class DenseBackend(MoEBackend):
+    name = "dense"
+
+    def __call__(self, x, w13, w2, weights, idxs) -> torch.Tensor:
+        return dense_moe(x, w13, w2, weights, idxs)
+
+
 class AutoBackend(MoEBackend):
-    """Small experts (<= small_expert_bytes, e.g. the demo base's 192 KiB): `grouped_mm`, the
-    fewest ops, since per-op overhead dominates there. Large experts: `decode` while the batch
-    is small (T <= decode_max_tokens), `grouped` beyond, both on packed weights."""
+    """Picks by measured regime (fp32 CPU here). Tiny work (T·E·3·D·H <= dense_max_macs, e.g. a
+    demo-base decode step): `dense`. Small experts (<= small_expert_bytes): `grouped_mm`, the
+    fewest ops, since per-op overhead dominates. Large experts: `decode` while the batch is
+    small (T <= decode_max_tokens), `grouped` beyond, both on packed weights."""
 
     name = "auto"
     decode_max_tokens: ClassVar[int] = 4
     small_expert_bytes: ClassVar[int] = 1 << 20
+    dense_max_macs: ClassVar[int] = 1 << 23
 
     def __call__(self, x, w13, w2, weights, idxs) -> torch.Tensor:
+        e, h2, d = w13.shape
+        if x.shape[0] * e * h2 * d * 3 // 2 <= self.dense_max_macs:
+            return dense_moe(x, w13, w2, weights, idxs)
         if w13[0].nbytes + w2[0].nbytes <= self.small_expert_bytes and grouped_mm_fits(w2):
             return grouped_moe(x, w13, w2, weights, idxs, gemm="grouped_mm")
         packed = self.packs.get(w13, w2)
@@ -85,7 +98,14 @@ class AutoBackend(MoEBackend):
 
 MOE_BACKEND_CLS: dict[str, type[MoEBackend]] = {
     cls.name: cls
-    for cls in (ReferenceBackend, GroupedBackend, GroupedMMBackend, DecodeBackend, AutoBackend)
+    for cls in (
+        ReferenceBackend,
+        GroupedBackend,
+        GroupedMMBackend,
+        DecodeBackend,
+        DenseBackend,
+        AutoBackend,
+    )
 }
 
 

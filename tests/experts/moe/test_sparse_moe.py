@@ -56,7 +56,9 @@ def test_backward_matches_reference(backend: str, t: int, e: int, k: int) -> Non
     y, g = _grads(get_backend(backend), case)
     torch.testing.assert_close(y, y_ref, atol=ATOL, rtol=RTOL)
     for name, got, want in zip(["x", "w13", "w2", "weights"], g, g_ref, strict=True):
-        torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL, msg=f"grad of {name}")
+        # gradients are sums over up to T*K pairs: fp32 order error scales with the largest entry
+        atol = ATOL * max(1.0, float(want.abs().max()))
+        torch.testing.assert_close(got, want, atol=atol, rtol=RTOL, msg=f"grad of {name}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

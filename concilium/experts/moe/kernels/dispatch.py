@@ -81,7 +81,14 @@ def expert_swiglu(
 ) -> torch.Tensor:
     """Expert e's SwiGLU on x [n, D] -> [n, D] for inference (no autograd), on the oneDNN packs
     when given, else on plain `mm`."""
-    h = torch.mm(x, w13[e].t()) if packed is None else onednn.linear(x, packed.w13[e])  # [n, 2H]
+    if packed is None:
+        h = torch.mm(x, w13[e].t())  # [n, 2H]
+        return torch.mm(_swiglu_act(h), w2[e].t())
+    i = packed.pick(x.shape[0])
+    return onednn.linear(_swiglu_act(onednn.linear(x, packed.w13[i][e])), packed.w2[i][e])
+
+
+def _swiglu_act(h: torch.Tensor) -> torch.Tensor:
+    """h [n, 2H] = [gate | up] -> silu(gate) * up [n, H]."""
     half = h.shape[1] // 2
-    act = F.silu(h[:, :half]).mul_(h[:, half:])  # [n, H]
-    return torch.mm(act, w2[e].t()) if packed is None else onednn.linear(act, packed.w2[e])
+    return F.silu(h[:, :half]).mul_(h[:, half:])
