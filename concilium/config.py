@@ -114,6 +114,10 @@ class ServiceConfig(BaseModel):
         default=None,
         description="Key required for POST/DELETE /v1/experts (env CONCILIUM_ADMIN_KEY wins).",
     )
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="When set, inference endpoints need one of these keys (or the admin key).",
+    )
     default_router: str = Field(default="retriever", description="Router used for model 'auto'.")
     routers: dict[str, RouterConfig] = Field(
         default_factory=_default_routers,
@@ -144,6 +148,12 @@ class ServiceConfig(BaseModel):
 
     def admin_key(self) -> str | None:
         return os.environ.get("CONCILIUM_ADMIN_KEY") or self.admin_api_key
+
+    def user_keys(self) -> list[str]:
+        """Keys accepted for inference (env CONCILIUM_API_KEYS, comma-separated, wins)."""
+        env = os.environ.get("CONCILIUM_API_KEYS")
+        keys = [k.strip() for k in env.split(",")] if env else list(self.api_keys)
+        return [k for k in keys if k]
 
 
 def load_config(path: Path | None = None, **overrides: Any) -> ServiceConfig:

@@ -58,9 +58,23 @@ def create_app(service: Service, instance: str = "local") -> FastAPI:
     return app
 
 
+def _bearer(request: Request) -> bytes:
+    return request.headers.get("authorization", "").removeprefix("Bearer ").strip().encode()
+
+
 def _inference_routes(app: FastAPI, service: Service) -> None:
     orch = service.orchestrator
     metrics: Metrics = app.state.metrics
+    admin_key = service.config.admin_key()
+    keys = [k.encode() for k in service.config.user_keys() + ([admin_key] if admin_key else [])]
+
+    def user(request: Request) -> None:
+        """With user keys configured, inference needs one of them (or the admin key)."""
+        if not service.config.user_keys():
+            return
+        given = _bearer(request)
+        if not any(hmac.compare_digest(given, k) for k in keys):
+            raise E.Unauthorized("this endpoint needs an API key (Authorization: Bearer)")
 
     @app.get("/health")
     def health() -> dict[str, Any]:
@@ -72,7 +86,7 @@ def _inference_routes(app: FastAPI, service: Service) -> None:
             "experts": len(cat.entries),
         }
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=[Depends(user)])
     def models() -> dict[str, Any]:
         cat = orch.catalogs.get()
         data = [model_card("auto", "concilium", router=orch.default_router)]
@@ -90,7 +104,7 @@ def _inference_routes(app: FastAPI, service: Service) -> None:
                 )
         return {"object": "list", "data": data}
 
-    @app.post("/v1/chat/completions", response_model=None)
+    @app.post("/v1/chat/completions", response_model=None, dependencies=[Depends(user)])
     async def chat(req: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
         if req.stream:
             headers, events = await orch.chat_stream(req)
@@ -99,7 +113,7 @@ def _inference_routes(app: FastAPI, service: Service) -> None:
         metrics.observe_routing(out.body["routing"])
         return JSONResponse(out.body, headers=out.headers)
 
-    @app.post("/v1/embeddings")
+    @app.post("/v1/embeddings", dependencies=[Depends(user)])
     async def embeddings(req: EmbeddingRequest) -> JSONResponse:
         out = await orch.embeddings(req)
         metrics.observe_routing(out.body["routing"])
@@ -113,8 +127,7 @@ def _registry_routes(app: FastAPI, service: Service) -> None:
         key = service.config.admin_key()
         if key is None:
             return
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), key.encode()):
+        if not hmac.compare_digest(_bearer(request), key.encode()):
             raise E.Unauthorized("this endpoint needs the admin API key (Authorization: Bearer)")
 
     @app.post("/v1/experts", status_code=201, dependencies=[Depends(admin)])

@@ -256,3 +256,22 @@ def test_metrics_count_requests_decisions_and_fallbacks(
     assert 'concilium_requests_total{endpoint="/v1/chat/completions",status="200"} 2.0' in text
     assert 'concilium_requests_total{endpoint="/v1/chat/completions",status="404"} 1.0' in text
     assert "concilium_active_parameters_count 1.0" in text
+
+
+def test_user_keys_guard_inference_but_not_health(tmp_path: Path, backend: FakeBackend) -> None:
+    cfg = load_config(
+        None, home=tmp_path, admin_api_key="s3cret", api_keys=["u1"], seed_embedder=False
+    )
+    svc = build_service(cfg, encoder=HashEncoder(), backend=backend, seed=False)
+    svc.registry.register(EXPERTS[0])
+    with TestClient(create_app(svc)) as c:
+        body = {"messages": [{"role": "user", "content": "reverse it"}]}
+        assert c.post("/v1/chat/completions", json=body).status_code == 401
+        bad = {"Authorization": "Bearer nope"}
+        assert c.post("/v1/chat/completions", json=body, headers=bad).status_code == 401
+        for key in ("u1", "s3cret"):
+            h = {"Authorization": f"Bearer {key}"}
+            assert c.post("/v1/chat/completions", json=body, headers=h).status_code == 200
+            assert c.get("/v1/models", headers=h).status_code == 200
+        assert c.get("/v1/models").status_code == 401
+        assert c.get("/health").status_code == 200
