@@ -36,11 +36,14 @@ check: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+BENCHES := routing_quality multi_adapter_serving gateway_overhead moe_lora moe_ffn \
+	moe_generation token_routing_quality
+
 bench: install pack
-	$(BIN)/python benchmarks/routing_quality.py
+	for b in $(BENCHES); do $(BIN)/python benchmarks/$$b.py || exit 1; done
 
 bench-quick: install pack
-	$(BIN)/python benchmarks/routing_quality.py --quick
+	for b in $(BENCHES); do $(BIN)/python benchmarks/$$b.py --quick || exit 1; done
 
 clean:
 	rm -rf $(VENV) .concilium .pytest_cache .mypy_cache .ruff_cache
