@@ -1,9 +1,10 @@
 """Generated tokens/s on the demo base with 1, 4 and 16 distinct adapters in flight.
 
 Ours: every in-flight request decoded in ONE mixed-adapter batch (a different adapter per row, the
-ExpertServer's `@serve.batch` path). Peer: one forward per adapter (rows grouped by adapter, each
-group decoded on its own, one after another: what a server without mixed batches does). Both run
-the same rows (held-out demo queries, greedy) on the same model in the same run.
+ExpertServer's `@serve.batch` path) through our MoE-LoRA layer (`engine="mixture"`). Peers, in the
+same run on the same rows (held-out demo queries, greedy): PEFT's mixed batch (`adapter_names`,
+`engine="peft"`), and one forward per adapter (rows grouped by adapter, each group decoded on its
+own, one after another: what a server without mixed batches does).
 
     python benchmarks/multi_adapter_serving.py [--quick] [--rows 32] [--repeats 3]
 
@@ -30,11 +31,11 @@ from concilium.experts.local import GenRequest, LocalCausalLM  # noqa: E402
 ADAPTER_COUNTS = (1, 4, 16)
 
 
-def load_lm(pack: Path, n_adapters: int) -> tuple[LocalCausalLM, list[str]]:
+def load_lm(pack: Path, n_adapters: int, engine: str) -> tuple[LocalCausalLM, list[str]]:
     """The demo base with `n_adapters` adapters resident (pack adapters reused under new names)."""
     manifest = json.loads((pack / "manifest.json").read_text())
     paths = [pack / e["path"] for e in manifest["experts"] if e.get("kind") == "lora"]
-    lm = LocalCausalLM(pack / "base", max_adapters=n_adapters)
+    lm = LocalCausalLM(pack / "base", max_adapters=n_adapters, engine=engine)
     names = []
     for i in range(n_adapters):
         name = f"a{i:02d}"
@@ -93,27 +94,32 @@ def main() -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    lm, names = load_lm(args.pack, max(ADAPTER_COUNTS))
+    lm, names = load_lm(args.pack, max(ADAPTER_COUNTS), "mixture")
+    peft_lm, _ = load_lm(args.pack, max(ADAPTER_COUNTS), "peft")
     results = {}
     for n in ADAPTER_COUNTS:
         rows = make_rows(args.pack, rows_n, names[:n], args.max_tokens)
         ours = tokens_per_s(run_mixed, lm, rows, repeats)
-        peer = tokens_per_s(run_per_adapter, lm, rows, repeats)
-        results[n] = (ours, peer)
-        print(f"{n:>2} adapters: mixed {ours:8.1f} tok/s   per-adapter {peer:8.1f} tok/s")
+        peft = tokens_per_s(run_mixed, peft_lm, rows, repeats)
+        per = tokens_per_s(run_per_adapter, lm, rows, repeats)
+        results[n] = (ours, peft, per)
+        print(f"{n:>2} adapters: ours {ours:7.1f}  peft {peft:7.1f}  per-adapter {per:7.1f} tok/s")
     single = results[1][0]
     lines = [
         f"# Multi-adapter serving on the demo base ({'quick' if args.quick else 'full'} run)",
         "",
         f"{rows_n} requests in flight, greedy, max_tokens {args.max_tokens}, fp32 CPU, "
-        f"torch threads {torch.get_num_threads()}, median of {repeats}. Same rows for both.",
+        f"torch threads {torch.get_num_threads()}, median of {repeats}. Same rows for all three.",
         "",
-        "| adapters in flight | ours: mixed batch tok/s | vs ours @1 | one forward per adapter "
-        "tok/s | ours / per-adapter |",
-        "|---|---|---|---|---|",
+        "| adapters in flight | ours: mixed batch (MoE-LoRA) tok/s | vs ours @1 | PEFT mixed "
+        "batch tok/s | one forward per adapter tok/s | ours / PEFT | ours / per-adapter |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for n, (ours, peer) in results.items():
-        lines.append(f"| {n} | {ours:.1f} | {ours / single:.2f} | {peer:.1f} | {ours / peer:.2f} |")
+    for n, (ours, peft, per) in results.items():
+        lines.append(
+            f"| {n} | {ours:.1f} | {ours / single:.2f} | {peft:.1f} | {per:.1f} | "
+            f"{ours / peft:.2f} | {ours / per:.2f} |"
+        )
     report = "\n".join(lines) + "\n"
     print(report)
     out = (

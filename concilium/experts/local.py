@@ -32,9 +32,21 @@ class GenRequest:
 
 
 class LocalCausalLM:
-    """A base model plus an LRU of loaded adapters. Thread-safe (one forward at a time)."""
+    """A base model plus an LRU of loaded adapters. Thread-safe (one forward at a time).
 
-    def __init__(self, model_dir: Path, *, max_adapters: int = 64, max_context: int | None = None):
+    `engine` applies the adapters of a mixed batch: ``"mixture"`` (default) through our MoE-LoRA
+    layer, one grouped matmul per module whatever the number of adapters; ``"peft"`` through
+    PEFT's ``adapter_names`` (a loop over the batch's adapters; kept as the reference).
+    """
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        max_adapters: int = 64,
+        max_context: int | None = None,
+        engine: str = "mixture",
+    ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -46,6 +58,14 @@ class LocalCausalLM:
             self.model_dir, use_safetensors=True, trust_remote_code=False, dtype=torch.float32
         )
         self.model: Any = model.eval()
+        if engine not in ("mixture", "peft"):
+            raise InvalidInput(f"engine {engine!r}: expected 'mixture' or 'peft'")
+        self.engine = engine
+        self.bank: Any = None
+        if engine == "mixture":
+            from concilium.experts.adapters import AdapterBank
+
+            self.bank = AdapterBank(self.model)
         self.max_adapters = max_adapters
         self.max_context = max_context or int(
             getattr(model.config, "max_position_embeddings", 2048)
@@ -75,14 +95,20 @@ class LocalCausalLM:
 
         if not (path / "adapter_model.safetensors").is_file():
             raise InvalidInput(f"adapter {name!r}: {path} has no adapter_model.safetensors")
-        if isinstance(self.model, PeftModel):
+        if self.bank is not None:
+            self.bank.add(name, path)
+        elif isinstance(self.model, PeftModel):
             self.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
         else:
             self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name).eval()
 
     def unload_adapter(self, name: str) -> None:
         with self._lock:
-            if self._adapters.pop(name, None) is not None:
+            if self._adapters.pop(name, None) is None:
+                return
+            if self.bank is not None:
+                self.bank.remove(name)
+            else:
                 self.model.delete_adapter(name)
 
     # -- generation ----------------------------------------------------------------------------
@@ -186,6 +212,9 @@ def _decode(
 
 
 def _adapter_kwargs(lm: LocalCausalLM, requests: Sequence[GenRequest]) -> dict[str, Any]:
+    if lm.bank is not None:
+        lm.bank.set_rows([r.adapter for r in requests])
+        return {}
     if not lm._adapters:
         return {}
     return {"adapter_names": [r.adapter or BASE for r in requests]}

@@ -113,3 +113,43 @@ def test_stream_stops_when_the_consumer_goes_away(lm: LocalCausalLM, pack: dict)
         GenRequest(msgs, GenParams(max_tokens=32), s), lambda t: pieces.append(t) and False
     )
     assert len(pieces) == 1 and gen.completion_tokens == 1
+
+
+def test_mixture_engine_matches_peft_logits_and_text(pack: dict) -> None:  # type: ignore[type-arg]
+    """Our MoE-LoRA mixed batch and PEFT's adapter_names batch agree row for row."""
+    import torch
+
+    base = pack["dir"] / pack["manifest"]["base"]["path"]
+    experts = pack["manifest"]["experts"][:4]
+    lms = {e: LocalCausalLM(base, max_adapters=4, engine=e) for e in ("mixture", "peft")}
+    for lm in lms.values():
+        for e in experts:
+            lm.ensure_adapter(e["name"], pack["dir"] / e["path"])
+    reqs = [
+        GenRequest(
+            [{"role": "user", "content": _row(pack, e["name"])["query"]}],
+            GenParams(max_tokens=24),
+            a,
+        )
+        for e in experts
+        for a in (e["name"], None)
+    ]
+    texts = {e: [g.text for g in lm.generate_batch(reqs)] for e, lm in lms.items()}
+    assert texts["mixture"] == texts["peft"]
+    tok = lms["peft"].tokenizer
+    ids = tok(["Reverse this word: abc"], return_tensors="pt")["input_ids"]
+    logits = {}
+    for e, lm in lms.items():
+        from concilium.experts.local import _adapter_kwargs
+
+        kw = _adapter_kwargs(lm, [GenRequest([], GenParams(), experts[1]["name"])])
+        with torch.inference_mode():
+            logits[e] = lm.model(input_ids=ids, **kw).logits
+    torch.testing.assert_close(logits["mixture"], logits["peft"], atol=1e-4, rtol=1e-4)
+
+
+def test_mixture_engine_rejects_unknown_engines(pack: dict) -> None:  # type: ignore[type-arg]
+    from concilium.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="engine"):
+        LocalCausalLM(pack["dir"] / pack["manifest"]["base"]["path"], engine="vllm")
