@@ -152,7 +152,7 @@ def roofline(block, x: torch.Tensor, gflops: float, gbps: float) -> tuple[float,
 
 def runs_for(t: int, repeats: int) -> int:
     """More runs where they are cheap: min-of-N needs quiet moments on a shared machine."""
-    return repeats * 4 if t <= 64 else repeats if t <= 256 else max(2, repeats // 2)
+    return repeats * 4 if t <= 64 else repeats * 2 if t <= 256 else repeats
 
 
 def measure(block, impls, ts, repeats: int) -> list[dict]:
@@ -209,16 +209,16 @@ def main() -> None:
     args = ap.parse_args()
     repeats = args.repeats or (3 if args.quick else 7)
     t0 = time.perf_counter()
-    peak, bw = probes(repeats)
     block = make_block()
     extra = [b for b in args.backends.split(",") if b]
     impls = implementations(block, eager=not args.quick, extra=extra)
-    rows = measure(block, impls, QUICK_T if args.quick else FULL_T, repeats)
-    peak, bw = probes(repeats, peak, bw)  # again after: the roofline uses the best of both
+    (peak, bw), rows = probes(repeats), []
+    for t in QUICK_T if args.quick else FULL_T:  # probes between the Ts: the best is kept
+        rows += measure(block, impls, (t,), repeats)
+        peak, bw = probes(repeats, peak, bw)
+    gflops, gbps = max(peak.values()), max(bw.values())
     for r in rows:
-        r["roof"], r["bound"], r["active"] = roofline(
-            block, r["x"], max(peak.values()), max(bw.values())
-        )
+        r["roof"], r["bound"], r["active"] = roofline(block, r["x"], gflops, gbps)
     lines = report(rows, list(impls), peak, bw, repeats, time.perf_counter() - t0)
     lines += ["", *targets(rows)]
     out = ROOT / "benchmarks" / "results" / ("moe_ffn_quick.md" if args.quick else "moe_ffn.md")
@@ -233,10 +233,10 @@ def report(rows, names, peak, bw, repeats: int, seconds: float) -> list[str]:
         "# Sparse MoE FFN layer (Mixtral-like, fp32, CPU)",
         "",
         f"D={D}, H={H}, E={E}, K={K}; torch {torch.__version__}, {torch.get_num_threads()} threads;"
-        f" best of N interleaved runs each (N = {4 * repeats} for T <= 64, {repeats} for T = 256,"
-        f" {max(2, repeats // 2)} beyond; the machine is shared with other jobs); run took"
+        f" best of N interleaved runs each (N = {4 * repeats} for T <= 64, {2 * repeats} for"
+        f" T = 256, {repeats} beyond; the machine is shared with other jobs); run took"
         f" {seconds:.0f} s. Roofline = max(active expert bytes / best bandwidth, FLOPs / best"
-        " peak), each probe run before and after the timings and its best kept:",
+        " peak), each probe run before the first T and after every T, its best kept:",
         *probes,
         "",
         *table(rows, names),

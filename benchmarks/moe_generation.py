@@ -110,7 +110,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per implementation")
     args = ap.parse_args()
     repeats = args.repeats or (2 if args.quick else 3)
-    new = 16 if args.quick else 64
+    new = 16 if args.quick else 32
     t0 = time.perf_counter()
     base = demo_base()
     g = torch.Generator().manual_seed(0)
