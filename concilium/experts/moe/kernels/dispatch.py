@@ -85,7 +85,8 @@ def expert_swiglu(
         h = torch.mm(x, w13[e].t())  # [n, 2H]
         return torch.mm(_swiglu_act(h), w2[e].t())
     i = packed.pick(x.shape[0])
-    return onednn.linear(_swiglu_act(onednn.linear(x, packed.w13[i][e])), packed.w2[i][e])
+    h = onednn.linear(x.contiguous(), packed.w13[i][e])  # [n, 2H]
+    return onednn.linear(_swiglu_act(h), packed.w2[i][e])
 
 
 def _swiglu_act(h: torch.Tensor) -> torch.Tensor:
