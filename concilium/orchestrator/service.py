@@ -49,7 +49,20 @@ def open_registry(
         from concilium.experts.embedder import SentenceEncoder
 
         encoder = SentenceEncoder()
-    return Registry(config.home, encoder, profiler=profiler, limits=limits_of(config))
+    return Registry(
+        config.home,
+        encoder,
+        profiler=profiler,
+        limits=limits_of(config),
+        adapter_routing=arrow_artifacts,
+    )
+
+
+def arrow_artifacts(adapter_dir: Path) -> dict[str, Any]:
+    """Arrow's token-routing prototypes of a stored adapter: computed, never trained."""
+    from concilium.experts.moe.lora_gates import arrow_prototypes
+
+    return {m: p.numpy() for m, p in arrow_prototypes(adapter_dir).items()}
 
 
 def pool_profiler(backend: Any) -> Profiler:

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 # (spec, directory holding its runtime files or None) -> {"latency_ms_per_token": .., ...}
 Profiler = Callable[[AnySpec, Path | None], dict[str, float]]
+# a validated, stored adapter dir -> its token-routing arrays ({module: prototype [D]})
+AdapterRouting = Callable[[Path], dict[str, np.ndarray]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,12 +53,14 @@ class Registry:
         *,
         profiler: Profiler | None = None,
         limits: RegistryLimits | None = None,
+        adapter_routing: AdapterRouting | None = None,
     ) -> None:
         self.home = Path(home)
         self.store = RegistryStore(self.home / "registry.sqlite")
         self.artifacts = ArtifactStore(self.home / "artifacts")
         self.encoder = encoder
         self.profiler = profiler
+        self.adapter_routing = adapter_routing  # token-routing artifacts of a lora (Arrow)
         self.limits = limits or RegistryLimits()
 
     # -- reads -------------------------------------------------------------------------------
@@ -76,6 +80,11 @@ class Registry:
         if isinstance(record.spec, ModelSpec):
             return Path(record.spec.path)
         return None
+
+    def token_routing(self, record: ExpertRecord) -> dict[str, np.ndarray]:
+        """Arrow prototypes of a lora expert, ``{module: p [D]}`` (empty for other kinds)."""
+        ref = record.artifacts.get("arrow")
+        return self.artifacts.load_arrays(ref) if ref else {}
 
     def embeddings(self, record: ExpertRecord) -> dict[str, np.ndarray]:
         """{"pilots": [P, dim], "description": [1, dim]} for one expert."""
@@ -103,6 +112,8 @@ class Registry:
             raise Conflict(f"expert {spec.name!r} is already registered", field="name")
         artifacts, runtime_dir = self._validate_and_copy(spec)
         artifacts["embeddings"] = self.artifacts.put_arrays(self._embed(spec))
+        if isinstance(spec, LoraSpec) and runtime_dir is not None and self.adapter_routing:
+            artifacts["arrow"] = self.artifacts.put_arrays(self.adapter_routing(runtime_dir))
         artifacts["profile"] = self._profile(spec, runtime_dir)
         record = self.store.add(spec, artifacts)
         log.info(
@@ -215,7 +226,7 @@ class Registry:
         return profile
 
 
-_REF_KEYS = ("adapter", "embeddings")
+_REF_KEYS = ("adapter", "embeddings", "arrow")
 
 
 def _absolutise(spec: AnySpec, base_dir: Path | None) -> AnySpec:

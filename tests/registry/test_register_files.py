@@ -15,10 +15,13 @@ from tests.registry.conftest import TinyMoe
 
 
 def _registry(tmp_path: Path, tiny_moe: TinyMoe) -> Registry:
+    from concilium.orchestrator.service import arrow_artifacts
+
     reg = Registry(
         tmp_path / "home",
         HashEncoder(),
         profiler=lambda spec, d: {"latency_ms_per_token": 2.0, "latency_ms_overhead": 5.0},
+        adapter_routing=arrow_artifacts,
     )
     reg.register(
         {
@@ -60,6 +63,24 @@ def test_lora_is_copied_content_addressed_with_profile(tmp_path: Path, tiny_moe:
     assert rec2.artifacts["adapter"] == rec.artifacts["adapter"]
     with pytest.raises(Conflict):
         reg.remove("tiny")  # adapters still use it
+
+
+def test_lora_registration_builds_arrow_prototypes_and_leaves_others_alone(
+    tmp_path: Path, tiny_moe: TinyMoe
+) -> None:
+    reg = _registry(tmp_path, tiny_moe)
+    first = reg.register(
+        {"kind": "lora", "name": "ad", "base": "tiny", "path": str(tiny_moe.lora_dir)}
+    )
+    protos = reg.token_routing(first)
+    assert protos and all(abs(float(np.linalg.norm(p)) - 1) < 1e-5 for p in protos.values())
+    assert reg.token_routing(reg.get("tiny")) == {}
+    other = tmp_path / "other"
+    shutil.copytree(tiny_moe.lora_dir, other)
+    reg.register({"kind": "lora", "name": "ad2", "base": "tiny", "path": str(other)})
+    after = reg.token_routing(reg.get("ad"))
+    assert after.keys() == protos.keys()
+    assert all(np.array_equal(after[k], protos[k]) for k in protos)
 
 
 def test_rejected_adapter_leaves_registry_and_store_unchanged(
