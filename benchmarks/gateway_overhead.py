@@ -12,7 +12,6 @@ connections to 127.0.0.1, bounded in requests), alternating rounds; best round o
     python benchmarks/gateway_overhead.py [--quick] [--requests 2000] [--concurrency 64]
 """
 
-
 import argparse
 import asyncio
 import os
