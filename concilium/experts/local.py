@@ -37,6 +37,8 @@ class LocalCausalLM:
     `engine` applies the adapters of a mixed batch: ``"mixture"`` (default) through our MoE-LoRA
     layer, one grouped matmul per module whatever the number of adapters; ``"peft"`` through
     PEFT's ``adapter_names`` (a loop over the batch's adapters; kept as the reference).
+    `moe_backend`: a sparse-MoE base runs its expert FFNs on our kernels (`experts.moe.patch`,
+    same weights, same outputs); None keeps the stock transformers modules.
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class LocalCausalLM:
         max_adapters: int = 64,
         max_context: int | None = None,
         engine: str = "mixture",
+        moe_backend: str | None = "auto",
     ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -58,6 +61,14 @@ class LocalCausalLM:
             self.model_dir, use_safetensors=True, trust_remote_code=False, dtype=torch.float32
         )
         self.model: Any = model.eval()
+        self.moe_patch: Any = None
+        if moe_backend is not None:
+            from concilium.experts.moe.patching import experts_sites
+
+            if experts_sites(self.model):
+                from concilium.experts.moe import patch
+
+                self.moe_patch = patch(self.model, backend=moe_backend)
         if engine not in ("mixture", "peft"):
             raise InvalidInput(f"engine {engine!r}: expected 'mixture' or 'peft'")
         self.engine = engine

@@ -153,3 +153,17 @@ def test_mixture_engine_rejects_unknown_engines(pack: dict) -> None:  # type: ig
 
     with pytest.raises(InvalidInput, match="engine"):
         LocalCausalLM(pack["dir"] / pack["manifest"]["base"]["path"], engine="vllm")
+
+
+def test_moe_base_runs_on_our_kernels_with_the_stock_outputs(pack: dict) -> None:  # type: ignore[type-arg]
+    base = pack["dir"] / pack["manifest"]["base"]["path"]
+    ours = LocalCausalLM(base, max_adapters=1)
+    stock = LocalCausalLM(base, max_adapters=1, moe_backend=None)
+    assert ours.moe_patch is not None and stock.moe_patch is None
+    e = pack["manifest"]["experts"][0]
+    for lm in (ours, stock):
+        lm.ensure_adapter(e["name"], pack["dir"] / e["path"])
+    msgs = [{"role": "user", "content": _row(pack, e["name"])["query"]}]
+    for adapter in (e["name"], None):
+        a = ours.generate(msgs, GenParams(max_tokens=24), adapter).text
+        assert a == stock.generate(msgs, GenParams(max_tokens=24), adapter).text
