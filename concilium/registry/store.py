@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import random
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -56,9 +57,23 @@ class RegistryStore:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(_SCHEMA)
+        self._init_schema()
+
+    def _init_schema(self, wait_s: float = 30.0) -> None:
+        """WAL mode + tables. Switching to WAL does not wait on SQLite's busy handler when
+        another process is creating the same file at that moment, so that step is retried."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                with self._connect() as db:
+                    if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                        db.execute("PRAGMA journal_mode=WAL")
+                    db.executescript(_SCHEMA)
+                return
+            except RegistryError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02 + random.random() * 0.05)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
