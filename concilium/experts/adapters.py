@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from concilium.errors import InvalidInput
 from concilium.experts.moe.lora_mixture import LoRAMixture, LoRAWeights
-from concilium.experts.moe.lora_patch import load_lora_weights, replace_module
+from concilium.experts.moe.lora_patch import load_lora_weights, replace_module, zero_lora
 
 
 class RowAdapterLinear(nn.Module):
@@ -88,14 +88,9 @@ class AdapterBank:
     def _rebuild(self) -> None:
         names = self.names
         for module, layer in self.layers.items():
-            stack = [self.weights[n].get(module) or _zeros(layer.base) for n in names]
+            stack = [self.weights[n].get(module) or zero_lora(layer.base) for n in names]
             layer.mixture = LoRAMixture(layer.base, stack, backend=self.backend) if names else None
         self._stale = False
 
     def state(self) -> dict[str, Any]:
         return {"adapters": self.names, "modules": sorted(self.layers)}
-
-
-def _zeros(base: nn.Linear) -> LoRAWeights:
-    w = base.weight
-    return LoRAWeights(w.new_zeros(1, base.in_features), w.new_zeros(base.out_features, 1), 0.0)

@@ -12,9 +12,9 @@ import base64
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -35,6 +35,7 @@ from concilium.registry.registry import Registry
 from concilium.routers.base import Candidate, Query, QueryRouter, RouteDecision
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +211,14 @@ class Orchestrator:
     async def _dispatch(
         self, routed: Routed, messages: list[Message], params: GenParams, deadline: Deadline
     ) -> tuple[Entry, Generation, list[str]]:
+        return await self._first_answer(
+            routed, deadline, lambda e: self.backend.chat(e.target, messages, params)
+        )
+
+    async def _first_answer(
+        self, routed: Routed, deadline: Deadline, attempt: Callable[[Entry], Awaitable[T]]
+    ) -> tuple[Entry, T, list[str]]:
+        """Try the chosen expert, then the fallbacks, until one answers inside the deadline."""
         order = self._order(routed)
         tried: list[str] = []
         last: ExpertFailed | None = None
@@ -217,8 +226,7 @@ class Orchestrator:
             entry = routed.catalog.entries[name]
             tried.append(name)
             try:
-                call = self.backend.chat(entry.target, messages, params)
-                return entry, await deadline.run(call), tried
+                return entry, await deadline.run(attempt(entry)), tried
             except ExpertTimeout:
                 raise  # the caller's deadline is spent: no fallback can answer in time
             except ExpertFailed as e:
@@ -247,22 +255,12 @@ class Orchestrator:
     async def _open_stream(
         self, routed: Routed, messages: list[Message], params: GenParams, deadline: Deadline
     ) -> tuple[Entry, StreamItem, AsyncIterator[StreamItem], list[str]]:
-        order = self._order(routed)
-        tried: list[str] = []
-        last: ExpertFailed | None = None
-        for name in order:
-            entry = routed.catalog.entries[name]
-            tried.append(name)
+        async def first_piece(entry: Entry) -> tuple[AsyncIterator[StreamItem], StreamItem]:
             stream = self.backend.chat_stream(entry.target, messages, params)
-            try:
-                return entry, await deadline.run(anext(stream)), stream, tried
-            except ExpertTimeout:
-                raise
-            except ExpertFailed as e:
-                _log_failure(name, e, last_one=name == order[-1])
-                last = e
-        assert last is not None
-        raise last
+            return stream, await anext(stream)
+
+        entry, (stream, first), tried = await self._first_answer(routed, deadline, first_piece)
+        return entry, first, stream, tried
 
     async def _sse(
         self,

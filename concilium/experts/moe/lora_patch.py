@@ -150,7 +150,7 @@ def patch_lora_mixture(
         base = model.get_submodule(module)
         if not isinstance(base, nn.Linear):
             raise InvalidInput(f"{module} is a {type(base).__name__}, not nn.Linear")
-        stack = [w.get(module) or _zeros(base) for w in loaded]
+        stack = [w.get(module) or zero_lora(base) for w in loaded]
         mixture = LoRAMixture(base, stack, backend=backend)
         handle.originals[module] = replace_module(
             model, module, MixtureLinear(module, mixture, handle)
@@ -162,6 +162,7 @@ def _weights(src: str | Path | Mapping[str, LoRAWeights]) -> Mapping[str, LoRAWe
     return load_lora_weights(src) if isinstance(src, str | Path) else src
 
 
-def _zeros(base: nn.Linear) -> LoRAWeights:
+def zero_lora(base: nn.Linear) -> LoRAWeights:
+    """A rank-1 all-zero adapter for `base` (stands in where an adapter skips a module)."""
     w = base.weight
     return LoRAWeights(w.new_zeros(1, base.in_features), w.new_zeros(base.out_features, 1), 0.0)
