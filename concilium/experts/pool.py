@@ -9,61 +9,17 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
 from concilium.errors import ExpertFailed
 from concilium.experts.base import Delta, Generation, GenParams, Message, StreamItem, Target
+from concilium.experts.batching import MicroBatcher
 from concilium.experts.breaker import CircuitBreaker
 from concilium.experts.embedder import SentenceEncoder
 from concilium.experts.local import GenRequest, LocalCausalLM
 from concilium.experts.remote import RemoteExpert
-
-
-@dataclass
-class _Pending:
-    request: GenRequest
-    future: asyncio.Future[Generation] = field(repr=False)
-
-
-class _Batcher:
-    """Collects requests for one model and runs them as mixed-adapter batches in a thread."""
-
-    def __init__(self, lm: LocalCausalLM, max_batch: int, window_s: float) -> None:
-        self.lm, self.max_batch, self.window_s = lm, max_batch, window_s
-        self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
-        self.task: asyncio.Task[None] | None = None
-
-    async def submit(self, request: GenRequest) -> Generation:
-        if self.task is None or self.task.done():
-            self.task = asyncio.get_running_loop().create_task(self._run())
-        fut: asyncio.Future[Generation] = asyncio.get_running_loop().create_future()
-        await self.queue.put(_Pending(request, fut))
-        return await fut
-
-    async def _run(self) -> None:
-        while True:
-            batch = [await self.queue.get()]
-            deadline = asyncio.get_running_loop().time() + self.window_s
-            while len(batch) < self.max_batch:
-                timeout = deadline - asyncio.get_running_loop().time()
-                try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), max(timeout, 0)))
-                except TimeoutError:
-                    break
-            live = [p for p in batch if not p.future.done()]
-            try:
-                outs = await asyncio.to_thread(self.lm.generate_batch, [p.request for p in live])
-            except Exception as e:  # deliver to every waiter; the batcher keeps running
-                for p in live:
-                    if not p.future.done():
-                        p.future.set_exception(e)
-                continue
-            for p, g in zip(live, outs, strict=True):
-                if not p.future.done():
-                    p.future.set_result(g)
 
 
 async def stream_local(lm: LocalCausalLM, request: GenRequest) -> AsyncIterator[StreamItem]:
@@ -119,7 +75,7 @@ class ExpertPool:
         self.window_s = batch_window_ms / 1000
         self._models: dict[str, LocalCausalLM] = {}
         self._encoders: dict[tuple[str, str | None], SentenceEncoder] = {}
-        self._batchers: dict[str, _Batcher] = {}
+        self._batchers: dict[str, MicroBatcher[GenRequest, Generation]] = {}
         self._lock = threading.Lock()
 
     def model(self, path: str | Path) -> LocalCausalLM:
@@ -140,7 +96,7 @@ class ExpertPool:
         lm = await self._ready(target)
         key = target.model_path
         if key not in self._batchers:
-            self._batchers[key] = _Batcher(lm, self.max_batch, self.window_s)
+            self._batchers[key] = MicroBatcher(lm.generate_batch, self.max_batch, self.window_s)
         return await self._batchers[key].submit(GenRequest(messages, params, target.adapter))
 
     async def _remote_chat(
@@ -198,6 +154,5 @@ class ExpertPool:
 
     async def aclose(self) -> None:
         for b in self._batchers.values():
-            if b.task is not None:
-                b.task.cancel()
+            b.cancel()
         await self.client.aclose()
