@@ -22,7 +22,41 @@ def _default_routers() -> dict[str, Any]:
         "retriever": {"kind": "retriever"},
         "category": {"kind": "category"},
         "random": {"kind": "random"},
+        "predictive": {"kind": "predictive"},
     }
+
+
+class OutcomesConfig(BaseModel):
+    """The outcome store: routed requests logged for feedback and the predictive router."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = Field(
+        default=True, description="Log routed requests to <home>/outcomes.sqlite."
+    )
+    keep_queries: bool = Field(
+        default=True, description="Store query text (embeddings are stored either way)."
+    )
+    max_rows: int = Field(
+        default=200_000, ge=1000, description="Oldest unlabelled rows are dropped beyond this."
+    )
+
+
+class StrategyConfig(BaseModel):
+    """Multi-expert strategies (routing.strategy cascade / ensemble)."""
+
+    model_config = ConfigDict(extra="forbid")
+    cascade_threshold: float = Field(
+        default=-0.1,
+        le=0,
+        description="Mean token log-probability a cascade stage must reach to be accepted "
+        "(concilium calibrate fits it).",
+    )
+    cascade_adequacy: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="Cascade stages: experts whose gate is at least this share of the best.",
+    )
 
 
 class ScalingConfig(BaseModel):
@@ -145,6 +179,8 @@ class ServiceConfig(BaseModel):
         default=None, description="When set, `model` experts must live under this directory."
     )
     deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
+    outcomes: OutcomesConfig = Field(default_factory=OutcomesConfig)
+    strategies: StrategyConfig = Field(default_factory=StrategyConfig)
 
     def admin_key(self) -> str | None:
         return os.environ.get("CONCILIUM_ADMIN_KEY") or self.admin_api_key

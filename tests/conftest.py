@@ -55,6 +55,8 @@ class FakeBackend:
         self.fail_mid_stream: set[str] = set()  # stream two pieces, then fail
         self.delay_s: dict[str, float] = {}  # expert -> seconds before answering
         self.cancelled: list[str] = []  # experts whose work was cancelled mid-call
+        self.answers: dict[str, str] = {}  # expert -> fixed answer text
+        self.logprobs: dict[str, float] = {}  # expert -> mean_logprob it reports
 
     async def chat(
         self, target: Target, messages: Sequence[Message], params: GenParams
@@ -69,8 +71,14 @@ class FakeBackend:
         except asyncio.CancelledError:
             self.cancelled.append(target.expert)
             raise
-        text = f"{target.expert}:{messages[-1]['content']}"
-        return Generation(text=text, prompt_tokens=10, completion_tokens=5, finish_reason="stop")
+        text = self.answers.get(target.expert, f"{target.expert}:{messages[-1]['content']}")
+        return Generation(
+            text=text,
+            prompt_tokens=10,
+            completion_tokens=5,
+            finish_reason="stop",
+            mean_logprob=self.logprobs.get(target.expert),
+        )
 
     async def chat_stream(
         self, target: Target, messages: Sequence[Message], params: GenParams

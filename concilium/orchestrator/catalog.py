@@ -57,7 +57,11 @@ def priced(entry: Entry, prompt_tokens: int, max_tokens: int) -> Candidate:
         latency = float(prof.get("latency_ms_overhead", 0.0)) + float(per_tok) * max_tokens
     else:
         latency = s.expected_latency_ms or 0.0
-    return dataclasses.replace(entry.candidate, est_cost=cost, est_latency_ms=latency)
+    per_1k = s.energy_j_per_1k_tokens
+    energy = None if per_1k is None else (prompt_tokens + max_tokens) * per_1k / 1000
+    return dataclasses.replace(
+        entry.candidate, est_cost=cost, est_latency_ms=latency, est_energy_j=energy
+    )
 
 
 class CatalogCache:

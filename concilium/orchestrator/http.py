@@ -15,7 +15,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from concilium import errors as E
 from concilium.orchestrator.metrics import Metrics
-from concilium.orchestrator.schemas import ChatCompletionRequest, EmbeddingRequest, model_card
+from concilium.orchestrator.schemas import (
+    ChatCompletionRequest,
+    EmbeddingRequest,
+    FeedbackRequest,
+    model_card,
+)
 from concilium.orchestrator.service import Service
 from concilium.registry.store import ExpertRecord
 
@@ -54,6 +59,7 @@ def create_app(service: Service, instance: str = "local") -> FastAPI:
     _install_error_handlers(app)
     _install_metrics(app, service)
     _inference_routes(app, service)
+    _feedback_routes(app, service)
     _registry_routes(app, service)
     return app
 
@@ -62,19 +68,26 @@ def _bearer(request: Request) -> bytes:
     return request.headers.get("authorization", "").removeprefix("Bearer ").strip().encode()
 
 
-def _inference_routes(app: FastAPI, service: Service) -> None:
-    orch = service.orchestrator
-    metrics: Metrics = app.state.metrics
+def _user_guard(service: Service) -> Any:
+    """The dependency of inference endpoints: with user keys configured, one of them (or the
+    admin key) is required."""
     admin_key = service.config.admin_key()
     keys = [k.encode() for k in service.config.user_keys() + ([admin_key] if admin_key else [])]
 
     def user(request: Request) -> None:
-        """With user keys configured, inference needs one of them (or the admin key)."""
         if not service.config.user_keys():
             return
         given = _bearer(request)
         if not any(hmac.compare_digest(given, k) for k in keys):
             raise E.Unauthorized("this endpoint needs an API key (Authorization: Bearer)")
+
+    return user
+
+
+def _inference_routes(app: FastAPI, service: Service) -> None:
+    orch = service.orchestrator
+    metrics: Metrics = app.state.metrics
+    user = _user_guard(service)
 
     @app.get("/health")
     def health() -> dict[str, Any]:
@@ -118,6 +131,26 @@ def _inference_routes(app: FastAPI, service: Service) -> None:
         out = await orch.embeddings(req)
         metrics.observe_routing(out.body["routing"])
         return JSONResponse(out.body, headers=out.headers)
+
+
+def _feedback_routes(app: FastAPI, service: Service) -> None:
+    orch = service.orchestrator
+    user = _user_guard(service)
+
+    @app.post("/v1/feedback", dependencies=[Depends(user)])
+    async def feedback(req: FeedbackRequest) -> dict[str, Any]:
+        store = orch.outcomes
+        if store is None:
+            raise E.InvalidInput(
+                "feedback needs the outcome store (config outcomes.enabled: true)",
+                field="decision_id",
+            )
+        found = await run_in_threadpool(store.feedback, req.decision_id, req.score)
+        if not found:
+            raise E.NotFound(
+                f"decision_id {req.decision_id!r} is not a logged decision", field="decision_id"
+            )
+        return {"object": "feedback", "decision_id": req.decision_id, "score": req.score}
 
 
 def _registry_routes(app: FastAPI, service: Service) -> None:

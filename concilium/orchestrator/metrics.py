@@ -47,6 +47,28 @@ class Metrics:
             buckets=(1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11),
             registry=r,
         )
+        self.active_params_mean = Gauge(
+            "concilium_active_parameters_mean",
+            "Average active parameters per response since start (CoE's headline metric).",
+            registry=r,
+        )
+        self.strategies = Counter(
+            "concilium_strategy_requests",
+            "Requests per routing strategy (single, ensemble, cascade).",
+            ["strategy"],
+            registry=r,
+        )
+        self.expert_calls = Counter(
+            "concilium_expert_calls",
+            "Expert generations run (every ensemble member and cascade stage counts).",
+            ["expert"],
+            registry=r,
+        )
+        self.escalations = Counter(
+            "concilium_cascade_escalations", "Cascade stages escalated past.", registry=r
+        )
+        self._active_sum = 0.0
+        self._active_n = 0
         self.registry_version = Gauge(
             "concilium_registry_version", "Registry version seen.", registry=r
         )
@@ -58,8 +80,16 @@ class Metrics:
         failed = [routing["experts"][0], *fallbacks[:-1]] if fallbacks else []
         for name in failed:
             self.fallbacks.labels(name).inc()
+        self.strategies.labels(routing.get("strategy", "single")).inc()
+        for m in routing.get("members") or [{"expert": routing["expert"]}]:
+            self.expert_calls.labels(m["expert"]).inc()
+        self.escalations.inc(int(routing.get("escalations", 0)))
         if routing.get("active_parameters"):
-            self.active_params.observe(float(routing["active_parameters"]))
+            active = float(routing["active_parameters"])
+            self.active_params.observe(active)
+            self._active_sum += active
+            self._active_n += 1
+            self.active_params_mean.set(self._active_sum / self._active_n)
         self.registry_version.set(float(routing.get("registry_version", 0)))
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:

@@ -9,6 +9,8 @@ from concilium.errors import InvalidInput, ObjectiveUnsatisfiable
 from concilium.orchestrator.schemas import RoutingOptions
 from concilium.routers.base import Candidate
 
+DEFAULT_MAX_EXPERTS = 3
+
 
 @dataclass(frozen=True, slots=True)
 class Objective:
@@ -16,9 +18,10 @@ class Objective:
 
     max_cost: float | None = None
     max_latency_ms: float | None = None
+    max_energy_j: float | None = None
     allowed: frozenset[str] | None = None
     excluded: frozenset[str] = frozenset()
-    quality_weight: float = 1.0
+    quality_weight: float | None = None  # None: the router's default
     strategy: str = "single"
     max_experts: int = 1
 
@@ -29,11 +32,14 @@ class Objective:
         return cls(
             max_cost=opts.max_cost,
             max_latency_ms=opts.max_latency_ms,
+            max_energy_j=opts.max_energy_j,
             allowed=frozenset(opts.allowed_experts) if opts.allowed_experts is not None else None,
             excluded=frozenset(opts.excluded_experts),
-            quality_weight=1.0 if opts.quality_weight is None else opts.quality_weight,
+            quality_weight=opts.quality_weight,
             strategy=opts.strategy,
-            max_experts=opts.max_experts,
+            max_experts=1
+            if opts.strategy == "single"
+            else (opts.max_experts or DEFAULT_MAX_EXPERTS),
         )
 
     def filter(self, candidates: Sequence[Candidate], known: set[str]) -> list[Candidate]:
@@ -44,6 +50,7 @@ class Objective:
             ("routing.excluded_experts", "excluded", self.excluded),
             ("routing.max_cost", "cost", self.max_cost),
             ("routing.max_latency_ms", "latency", self.max_latency_ms),
+            ("routing.max_energy_j", "energy", self.max_energy_j),
         ]
         pool = list(candidates)
         for field, what, value in steps:
@@ -60,6 +67,9 @@ class Objective:
             return c.name not in self.excluded
         if what == "cost":
             return self.max_cost is None or c.est_cost <= self.max_cost
+        if what == "energy":  # undeclared energy cannot be promised under an energy ceiling
+            e = c.est_energy_j
+            return self.max_energy_j is None or (e is not None and e <= self.max_energy_j)
         # unknown latency (0) cannot be promised under a latency ceiling
         return self.max_latency_ms is None or 0 < c.est_latency_ms <= self.max_latency_ms
 
@@ -84,5 +94,9 @@ def _why(field: str, value: object, pool: Sequence[Candidate]) -> str:
         known = [c.est_latency_ms for c in pool if c.est_latency_ms > 0]
         best = f"{min(known):.1f} ms" if known else "unknown for every candidate"
         return f"no expert satisfies {field}={value}: the fastest estimate is {best}"
+    if field == "routing.max_energy_j":
+        known_e = [c.est_energy_j for c in pool if c.est_energy_j is not None]
+        least = f"{min(known_e):.4g} J" if known_e else "undeclared for every candidate"
+        return f"no expert satisfies {field}={value}: the lowest energy estimate is {least}"
     shown = sorted(value) if isinstance(value, frozenset) else value
     return f"no candidate expert is left after {field}={shown}"

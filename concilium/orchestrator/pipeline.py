@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -29,13 +29,17 @@ from concilium.experts.base import ExpertBackend, Generation, GenParams, Message
 from concilium.orchestrator.catalog import Catalog, CatalogCache, Entry, estimate_tokens, priced
 from concilium.orchestrator.encoding import BatchingEncoder
 from concilium.orchestrator.objective import Objective
+from concilium.orchestrator.planning import Budget, Option, Plan, plan_cascade, plan_ensemble
 from concilium.orchestrator.schemas import ChatCompletionRequest, EmbeddingRequest, RoutingOptions
+from concilium.orchestrator.strategies import Ran, run_cascade, run_ensemble
+from concilium.outcomes.store import Logged, OutcomeStore
 from concilium.registry.index import TextEncoder
 from concilium.registry.registry import Registry
-from concilium.routers.base import Candidate, Query, QueryRouter, RouteDecision
+from concilium.routers.base import Candidate, Query, QueryRouter, RouteDecision, softmax
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+DEFAULT_CASCADE_THRESHOLD = -0.1  # mean token log-probability a cascade stage must reach
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +49,9 @@ class Routed:
     decision: RouteDecision
     candidates: dict[str, Candidate]
     catalog: Catalog
+    objective: Objective = field(default_factory=Objective)
+    embedding: np.ndarray | None = None
+    text: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +75,9 @@ class Orchestrator:
         max_fallbacks: int = 2,
         refresh_s: float = 0.2,
         request_timeout_s: float = 120.0,
+        outcomes: OutcomeStore | None = None,
+        cascade_threshold: float = DEFAULT_CASCADE_THRESHOLD,
+        cascade_adequacy: float = 0.5,
     ) -> None:
         if default_router not in routers:
             raise InvalidInput(f"default router {default_router!r} is not among {sorted(routers)}")
@@ -77,6 +87,9 @@ class Orchestrator:
         self.default_max_tokens = default_max_tokens
         self.max_fallbacks = max_fallbacks
         self.request_timeout_s = request_timeout_s
+        self.outcomes = outcomes
+        self.cascade_threshold = cascade_threshold
+        self.cascade_adequacy = cascade_adequacy
         self.catalogs = CatalogCache(registry, refresh_s=refresh_s)
         self.query_encoder = BatchingEncoder(encoder)
         self._prepared: dict[str, int] = {}
@@ -117,9 +130,9 @@ class Orchestrator:
             self._prepare(router, catalog, task)
             if embedding is None:
                 embedding = self.encoder.encode([text])[0]
-            query = Query(text=text, embedding=embedding)
+            query = Query(text=text, embedding=embedding, quality_weight=objective.quality_weight)
             decision = router.route(query, cands)
-        return Routed(decision, {c.name: c for c in cands}, catalog)
+        return Routed(decision, {c.name: c for c in cands}, catalog, objective, embedding, text)
 
     def _resolve(
         self, model: str, catalog: Catalog, task: str
@@ -166,9 +179,73 @@ class Orchestrator:
         t0 = time.perf_counter()
         routed, messages, params = await self._routed_chat(req)
         deadline = Deadline.of(req.routing, self.request_timeout_s)
-        expert, gen, tried = await self._dispatch(routed, messages, params, deadline)
-        latency_ms = (time.perf_counter() - t0) * 1000
-        return self._chat_outcome(req, routed, expert, gen, tried, latency_ms)
+        if _multi(routed):
+            ran = await self._run_plan(routed, messages, params, deadline)
+            latency_ms = (time.perf_counter() - t0) * 1000
+            out = self._chat_outcome(
+                req, routed, ran.chosen.entry, ran.chosen.generation, [], latency_ms, ran=ran
+            )
+        else:
+            expert, gen, tried = await self._dispatch(routed, messages, params, deadline)
+            latency_ms = (time.perf_counter() - t0) * 1000
+            out = self._chat_outcome(req, routed, expert, gen, tried, latency_ms)
+        self._log(routed, out.body["routing"])
+        return out
+
+    # -- multi-expert plans (ensemble, cascade) ---------------------------------------------------
+    def plan(self, routed: Routed) -> Plan:
+        """The ensemble or cascade for a routed request, inside its objective's budget."""
+        obj = routed.objective
+        gates = gate_qualities(routed.decision)
+        options = [
+            Option(n, gates.get(n, 0.0), c.est_cost, c.est_latency_ms, c.est_energy_j)
+            for n, c in routed.candidates.items()
+        ]
+        budget = Budget(
+            max_cost=obj.max_cost,
+            max_latency_ms=obj.max_latency_ms,
+            max_energy_j=obj.max_energy_j,
+            max_experts=obj.max_experts,
+            quality_weight=1.0 if obj.quality_weight is None else obj.quality_weight,
+        )
+        if obj.strategy == "ensemble":
+            plan = plan_ensemble(options, budget)
+        else:
+            plan = plan_cascade(options, budget, adequacy=self.cascade_adequacy)
+        if plan is None:  # the objective filter admitted every candidate alone: cannot happen
+            raise ObjectiveUnsatisfiable("no expert fits the request's budget", field="routing")
+        return plan
+
+    async def _run_plan(
+        self, routed: Routed, messages: list[Message], params: GenParams, deadline: Deadline
+    ) -> Ran:
+        plan = self.plan(routed)
+        entries = [routed.catalog.entries[n] for n in plan.experts]
+        if plan.strategy == "ensemble":
+            return await run_ensemble(self.backend, entries, plan, messages, params, deadline)
+        return await run_cascade(
+            self.backend, entries, plan, messages, params, deadline, self.cascade_threshold
+        )
+
+    def _log(self, routed: Routed, routing: Mapping[str, Any]) -> None:
+        """Queue the request for the outcome store (feedback attaches quality later)."""
+        if self.outcomes is None:
+            return
+        ran = [m["expert"] for m in routing.get("members", [])] or [routing["expert"]]
+        self.outcomes.log(
+            Logged(
+                decision_id=str(routing["decision_id"]),
+                query=routed.text,
+                embedding=routed.embedding,
+                router=str(routing["router"]),
+                strategy=str(routing.get("strategy", "single")),
+                experts=tuple(ran),
+                expert=str(routing["expert"]),
+                cost=float(routing["cost"]),
+                latency_ms=float(routing["latency_ms"]),
+                active_params=routing.get("active_parameters"),
+            )
+        )
 
     async def _routed_chat(
         self, req: ChatCompletionRequest
@@ -247,6 +324,19 @@ class Orchestrator:
         t0 = time.perf_counter()
         routed, messages, params = await self._routed_chat(req)
         deadline = Deadline.of(req.routing, self.request_timeout_s)
+        if _multi(routed):  # the answer exists only after fusion/escalation: one piece
+            ran = await self._run_plan(routed, messages, params, deadline)
+            out = self._chat_outcome(
+                req,
+                routed,
+                ran.chosen.entry,
+                ran.chosen.generation,
+                [],
+                (time.perf_counter() - t0) * 1000,
+                ran=ran,
+            )
+            self._log(routed, out.body["routing"])
+            return out.headers, _sse_whole(out.body)
         entry, first, stream, tried = await self._open_stream(routed, messages, params, deadline)
         routing = _routing_object(routed, entry, 0.0, (time.perf_counter() - t0) * 1000, tried)
         events = self._sse(routed, entry, first, stream, tried, deadline, t0)
@@ -296,6 +386,7 @@ class Orchestrator:
             await _aclose(stream)
         cost = _cost(entry, item)
         routing = _routing_object(routed, entry, cost, (time.perf_counter() - t0) * 1000, tried)
+        self._log(routed, routing)
         yield _event(meta, {}, item.finish_reason, usage=_usage(item), routing=routing)
         yield b"data: [DONE]\n\n"
 
@@ -304,12 +395,16 @@ class Orchestrator:
         req: ChatCompletionRequest,
         routed: Routed,
         entry: Entry,
-        gen: Generation,
+        gen: Generation | None,
         tried: list[str],
         latency_ms: float,
+        *,
+        ran: Ran | None = None,
     ) -> Outcome:
+        assert gen is not None
         d = routed.decision
-        routing = _routing_object(routed, entry, _cost(entry, gen), latency_ms, tried)
+        cost = _cost(entry, gen) if ran is None else ran.cost
+        routing = _routing_object(routed, entry, cost, latency_ms, tried, ran=ran)
         body = {
             "id": f"chatcmpl-{d.decision_id}",
             "object": "chat.completion",
@@ -350,6 +445,7 @@ class Orchestrator:
         routing = _routing_object(
             routed, entry, cost, (time.perf_counter() - t0) * 1000, [entry.spec.name]
         )
+        self._log(routed, routing)
         body = {
             "object": "list",
             "model": entry.spec.name,
@@ -429,6 +525,16 @@ def _event(
     return f"data: {json.dumps(chunk)}\n\n".encode()
 
 
+async def _sse_whole(body: dict[str, Any]) -> AsyncIterator[bytes]:
+    """A finished chat completion as an SSE stream: role, the whole content, the final chunk."""
+    meta = {k: body[k] for k in ("id", "created", "model")} | {"object": "chat.completion.chunk"}
+    choice = body["choices"][0]
+    yield _event(meta, {"role": "assistant", "content": ""})
+    yield _event(meta, {"content": choice["message"]["content"]})
+    yield _event(meta, {}, choice["finish_reason"], usage=body["usage"], routing=body["routing"])
+    yield b"data: [DONE]\n\n"
+
+
 def _error_event(message: str, err_type: str) -> bytes:
     """An explicit SSE error event (OpenAI clients raise it) ending a broken stream."""
     body = {"error": {"message": message, "type": err_type, "code": None}}
@@ -444,15 +550,27 @@ async def _aclose(stream: AsyncIterator[StreamItem]) -> None:
             log.debug("closing an expert stream failed: %s", e)
 
 
+def _multi(routed: Routed) -> bool:
+    """Whether the request runs a multi-expert plan (a named expert always runs alone)."""
+    return routed.objective.strategy != "single" and routed.decision.router != "direct"
+
+
+def gate_qualities(decision: RouteDecision) -> dict[str, float]:
+    """Per-candidate gate in [0, 1]: the router's predicted quality when it makes one, else the
+    softmax of its scores (temperature 0.05, RouterRetriever's)."""
+    pred = decision.extra.get("predicted_quality")
+    if isinstance(pred, Mapping):
+        return {str(k): float(v) for k, v in pred.items()}
+    names = list(decision.scores)
+    if not names:
+        return {}
+    probs = softmax(np.array([decision.scores[n] for n in names], dtype=np.float64), 0.05)
+    return {n: float(p) for n, p in zip(names, probs, strict=True)}
+
+
 def _refuse_unsupported(opts: RoutingOptions | None) -> None:
     if opts is None:
         return
-    if opts.strategy != "single":
-        raise InvalidInput(
-            f"routing.strategy {opts.strategy!r} is not available in this "
-            "release (supported: 'single')",
-            field="routing.strategy",
-        )
     if opts.token_routing is not None and opts.token_routing.router != "none":
         raise InvalidInput(
             f"routing.token_routing.router {opts.token_routing.router!r} is not "
@@ -473,12 +591,18 @@ def _query_text(messages: Sequence[Message]) -> str:
 
 
 def _routing_object(
-    routed: Routed, entry: Entry, cost: float, latency_ms: float, tried: list[str]
+    routed: Routed,
+    entry: Entry,
+    cost: float,
+    latency_ms: float,
+    tried: list[str],
+    *,
+    ran: Ran | None = None,
 ) -> dict[str, Any]:
     d = routed.decision
     chosen = routed.candidates.get(entry.spec.name)
     top = sorted(d.scores.items(), key=lambda kv: -kv[1])
-    return {
+    out = {
         "decision_id": d.decision_id,
         "router": d.router,
         "expert": entry.spec.name,
@@ -494,7 +618,21 @@ def _routing_object(
         "latency_ms": round(latency_ms, 3),
         "fallbacks": tried[1:],
         "registry_version": routed.catalog.version,
+        "strategy": "single" if ran is None else ran.plan.strategy,
     }
+    if ran is not None:
+        p = ran.plan
+        out |= {
+            "experts": list(p.experts),
+            "weights": [round(w, 6) for w in p.weights],
+            "estimated_cost": p.est_cost,
+            "estimated_latency_ms": p.est_latency_ms,
+            "active_parameters": ran.active_params,
+            "plan": {"value": round(p.value, 6), "exact": p.exact},
+            "members": [m.summary() for m in ran.members],
+            **ran.detail,
+        }
+    return out
 
 
 def routing_headers(routing: Mapping[str, Any]) -> dict[str, str]:

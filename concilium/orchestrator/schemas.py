@@ -30,13 +30,26 @@ class RoutingOptions(BaseModel):
     max_latency_ms: float | None = Field(
         default=None, gt=0, description="Latency ceiling for this request, in milliseconds."
     )
+    max_energy_j: float | None = Field(
+        default=None,
+        gt=0,
+        description="Energy ceiling in joules (only experts that declare their energy qualify).",
+    )
     quality_weight: float | None = Field(
-        default=None, ge=0, le=1, description="1 = quality only, 0 = cost only."
+        default=None,
+        ge=0,
+        le=1,
+        description="1 = quality only, 0 = cost only (default: the router's, usually 1).",
     )
     strategy: Literal["single", "cascade", "ensemble"] = Field(
         default="single", description="One expert, an escalating cascade, or a fused ensemble."
     )
-    max_experts: int = Field(default=1, ge=1, le=16, description="Experts an ensemble may use.")
+    max_experts: int | None = Field(
+        default=None,
+        ge=1,
+        le=16,
+        description="Experts an ensemble or cascade may run (default 3; single always runs 1).",
+    )
     allowed_experts: list[str] | None = Field(
         default=None, description="Only these experts may answer (and be fallen back to)."
     )
@@ -127,6 +140,18 @@ class EmbeddingRequest(BaseModel):
 
     def texts(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class FeedbackRequest(BaseModel):
+    """POST /v1/feedback: a quality score for an answered request, keyed by its decision id."""
+
+    model_config = ConfigDict(extra="forbid")
+    decision_id: str = Field(
+        min_length=1,
+        max_length=128,
+        description="routing.decision_id (or the x-concilium-decision-id header) of the answer.",
+    )
+    score: float = Field(ge=0, le=1, description="Quality of the answer: 0 = wrong, 1 = right.")
 
 
 def model_card(model_id: str, owned_by: str, **extra: Any) -> dict[str, Any]:

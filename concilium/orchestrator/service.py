@@ -15,6 +15,7 @@ from concilium.config import ServiceConfig
 from concilium.errors import ConfigError, Conflict
 from concilium.experts.base import ExpertBackend
 from concilium.orchestrator.pipeline import Orchestrator
+from concilium.outcomes.store import OutcomeStore
 from concilium.registry.index import TextEncoder
 from concilium.registry.registry import Profiler, Registry, RegistryLimits
 from concilium.registry.store import AnySpec, ExpertRecord
@@ -92,6 +93,11 @@ def build_service(
     profiler = pool_profiler(backend) if hasattr(backend, "model") else None
     registry = open_registry(config, encoder, profiler)
     routers = {name: build_router(cfg) for name, cfg in config.routers.items()}
+    outcomes = open_outcomes(config)
+    for router in routers.values():
+        attach = getattr(router, "attach", None)
+        if attach is not None:
+            attach(outcomes)
     orch = Orchestrator(
         registry,
         backend,
@@ -101,10 +107,23 @@ def build_service(
         default_max_tokens=config.default_max_tokens,
         max_fallbacks=config.max_fallbacks,
         request_timeout_s=config.request_timeout_s,
+        outcomes=outcomes,
+        cascade_threshold=config.strategies.cascade_threshold,
+        cascade_adequacy=config.strategies.cascade_adequacy,
     )
     if seed:
         seed_registry(registry, config)
     return Service(config=config, registry=registry, backend=backend, orchestrator=orch)
+
+
+def open_outcomes(config: ServiceConfig) -> OutcomeStore | None:
+    """The outcome store at <home>/outcomes.sqlite, or None when logging is disabled."""
+    c = config.outcomes
+    if not c.enabled:
+        return None
+    return OutcomeStore(
+        Path(config.home) / "outcomes.sqlite", keep_queries=c.keep_queries, max_rows=c.max_rows
+    )
 
 
 def seed_registry(registry: Registry, config: ServiceConfig) -> list[ExpertRecord]:

@@ -55,6 +55,11 @@ class _SpecBase(BaseModel):
         gt=0,
         description="Declared latency of one response (ms); a measured latency wins.",
     )
+    energy_j_per_1k_tokens: float | None = Field(
+        default=None,
+        ge=0,
+        description="Declared energy per 1k tokens (J); lets callers set routing.max_energy_j.",
+    )
     train_examples: list[dict[str, str]] = Field(
         default_factory=list,
         max_length=4096,

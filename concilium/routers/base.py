@@ -28,16 +28,22 @@ class Candidate:
     base: str | None = None  # the base model of a lora expert
     est_cost: float = 0.0  # estimated cost of this request on this expert
     est_latency_ms: float = 0.0  # estimated latency of this request on this expert
+    est_energy_j: float | None = None  # estimated energy, when the expert declares it
     params_active: int | None = None
     params_total: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Query:
-    """The routed query: its text and its L2-normalised embedding [dim]."""
+    """The routed query: its text, its L2-normalised embedding [dim] and the caller's preference.
+
+    `quality_weight` (1 = quality only, 0 = cost only; None = the router's default) is what
+    cost-aware routers trade quality against cost with; the others ignore it.
+    """
 
     text: str
     embedding: np.ndarray
+    quality_weight: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

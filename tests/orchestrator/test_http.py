@@ -130,7 +130,7 @@ def test_fallback_stays_inside_the_allowed_set(client: TestClient, backend: Fake
             "routing.bogus",
         ),
         (
-            {"messages": [{"role": "user", "content": "x"}], "routing": {"strategy": "ensemble"}},
+            {"messages": [{"role": "user", "content": "x"}], "routing": {"strategy": "vote"}},
             "routing.strategy",
         ),
     ],

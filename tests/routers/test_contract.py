@@ -16,6 +16,7 @@ SAMPLE_CONFIG = {
     "category": {"kind": "category"},
     "random": {"kind": "random", "seed": 0},
     "fixed": {"kind": "fixed", "expert": "math"},
+    "predictive": {"kind": "predictive"},
 }
 PILOTS = {
     "reverse": ["reverse the word", "flip the letters backwards", "spell it backwards"],

@@ -10,18 +10,21 @@ from concilium.errors import ConfigError
 from concilium.routers.base import QueryRouter
 from concilium.routers.query.category import CategoryConfig, CategoryRouter
 from concilium.routers.query.fixed import FixedConfig, FixedRouter
+from concilium.routers.query.predictive import PredictiveConfig, PredictiveRouter
 from concilium.routers.query.random import RandomConfig, RandomRouter
 from concilium.routers.query.retriever import RetrieverConfig, RetrieverRouter
 
 ROUTER_CLS: dict[str, type[QueryRouter]] = {
     "category": CategoryRouter,
     "fixed": FixedRouter,
+    "predictive": PredictiveRouter,
     "random": RandomRouter,
     "retriever": RetrieverRouter,
 }
 
 RouterConfig = Annotated[
-    RetrieverConfig | CategoryConfig | RandomConfig | FixedConfig, Field(discriminator="kind")
+    RetrieverConfig | CategoryConfig | RandomConfig | FixedConfig | PredictiveConfig,
+    Field(discriminator="kind"),
 ]
 _CONFIG: TypeAdapter[Any] = TypeAdapter(RouterConfig)
 

@@ -1,0 +1,173 @@
+"""Running a multi-expert plan: an ensemble in parallel then fused, or a cascade in cost order.
+
+The plan (`planning.py`) already fits the budget; this module only executes it inside the
+request's deadline. A member that fails is left out of the fusion (ensemble) or escalated past
+(cascade); the request fails only when no member answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from concilium.errors import ExpertFailed, ExpertTimeout
+from concilium.experts.base import ExpertBackend, Generation, GenParams, Message
+from concilium.orchestrator.catalog import Entry
+from concilium.orchestrator.fusion import Vote, fuse
+from concilium.orchestrator.planning import Plan
+
+if TYPE_CHECKING:
+    from concilium.orchestrator.pipeline import Deadline
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One expert of a plan as it ran."""
+
+    entry: Entry
+    gate: float
+    generation: Generation | None = None
+    error: str | None = None
+
+    @property
+    def cost(self) -> float:
+        g, s = self.generation, self.entry.spec
+        if g is None:
+            return 0.0
+        return (
+            g.prompt_tokens * s.price_in_per_1k + g.completion_tokens * s.price_out_per_1k
+        ) / 1000
+
+    def summary(self) -> dict[str, Any]:
+        g = self.generation
+        return {
+            "expert": self.entry.spec.name,
+            "gate": round(self.gate, 6),
+            "ok": g is not None,
+            "mean_logprob": None
+            if g is None or g.mean_logprob is None
+            else round(g.mean_logprob, 4),
+            "cost": self.cost,
+            **({"error": self.error} if self.error else {}),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Ran:
+    """An executed plan: every member that ran, and which one's answer is returned."""
+
+    plan: Plan
+    members: tuple[Member, ...]
+    answer: int  # index into members
+    detail: dict[str, Any]
+
+    @property
+    def chosen(self) -> Member:
+        return self.members[self.answer]
+
+    @property
+    def cost(self) -> float:
+        return sum(m.cost for m in self.members)
+
+    @property
+    def active_params(self) -> int | None:
+        ps = [m.entry.candidate.params_active for m in self.members if m.generation is not None]
+        return None if not ps or any(p is None for p in ps) else sum(p or 0 for p in ps)
+
+
+async def run_ensemble(
+    backend: ExpertBackend,
+    entries: Sequence[Entry],
+    plan: Plan,
+    messages: list[Message],
+    params: GenParams,
+    deadline: Deadline,
+) -> Ran:
+    """Every member in parallel, then a gate-weighted vote over the answers."""
+    results = await asyncio.gather(
+        *(deadline.run(backend.chat(e.target, messages, params)) for e in entries),
+        return_exceptions=True,
+    )
+    members: list[Member] = []
+    for e, gate, r in zip(entries, plan.weights, results, strict=True):
+        if isinstance(r, ExpertTimeout):
+            raise r
+        if isinstance(r, ExpertFailed):
+            log.warning("ensemble member %s failed: %s", e.spec.name, r)
+            members.append(Member(e, gate, error=r.message))
+        elif isinstance(r, BaseException):
+            raise r
+        else:
+            members.append(Member(e, gate, generation=r))
+    ok = [i for i, m in enumerate(members) if m.generation is not None]
+    if not ok:
+        raise ExpertFailed(
+            "every ensemble member failed: "
+            + "; ".join(f"{m.entry.spec.name}: {m.error}" for m in members)
+        )
+    votes = [
+        Vote(
+            members[i].entry.spec.name,
+            members[i].generation.text,  # type: ignore[union-attr]
+            members[i].gate,
+            members[i].generation.mean_logprob,  # type: ignore[union-attr]
+        )
+        for i in ok
+    ]
+    fused = fuse(votes)
+    detail = {
+        "fusion": fused.mode,
+        "support": round(fused.support, 6),
+        "distinct_answers": len(fused.tallies),
+    }
+    return Ran(plan, tuple(members), ok[fused.winner], detail)
+
+
+async def run_cascade(
+    backend: ExpertBackend,
+    entries: Sequence[Entry],
+    plan: Plan,
+    messages: list[Message],
+    params: GenParams,
+    deadline: Deadline,
+    threshold: float,
+) -> Ran:
+    """Stages in order; stop at the first answer whose mean log-probability ≥ `threshold`.
+
+    An answer without a log-probability (a remote expert that does not report one) is accepted:
+    there is nothing to judge it by. The last stage's answer is returned whatever its confidence.
+    """
+    members: list[Member] = []
+    answer: int | None = None
+    for k, (e, gate) in enumerate(zip(entries, plan.weights, strict=True)):
+        try:
+            gen: Generation = await deadline.run(backend.chat(e.target, messages, params))
+        except ExpertTimeout:
+            raise
+        except ExpertFailed as err:
+            log.warning("cascade stage %s failed: %s", e.spec.name, err)
+            members.append(Member(e, gate, error=err.message))
+            continue
+        members.append(Member(e, gate, generation=gen))
+        answer = len(members) - 1
+        lp = gen.mean_logprob
+        if lp is None or lp >= threshold or k == len(entries) - 1:
+            break
+    if answer is None:
+        raise ExpertFailed(
+            "every cascade stage failed: "
+            + "; ".join(f"{m.entry.spec.name}: {m.error}" for m in members)
+        )
+    lp = members[answer].generation.mean_logprob  # type: ignore[union-attr]
+    detail = {
+        "threshold": threshold,
+        "escalations": len(members) - 1,
+        "accepted_confidence": None if lp is None or math.isnan(lp) else round(lp, 4),
+    }
+    return Ran(plan, tuple(members), answer, detail)

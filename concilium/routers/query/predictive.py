@@ -1,0 +1,172 @@
+"""Tryage-style predictive router: predict each candidate's quality on this query, then trade it
+against cost under the caller's `quality_weight`.
+
+Predicted quality of expert e on query x blends two sources:
+
+* **outcomes** — the labelled rows of the outcome store (feedback on live requests, imported
+  outcome tables) for e: the k nearest by cosine similarity s_i, each weighted
+  w_i = exp((s_i - 1) / temperature), so near-duplicates count fully and far rows vanish;
+* **pilots** (cold start) — RouterRetriever's pilot score r_e turned into a prior
+  p_e = exp((r_e - max_c r_c) / pilot_temperature): 1 for the best-matching candidate, less for
+  the others. A newly registered expert has pilots but no outcomes, so it is routed by its pilots
+  rather than ignored.
+
+    q̂_e = (Σ_i w_i q_i + m p_e) / (Σ_i w_i + m)        (m = prior_strength)
+
+Then the chosen expert maximises  w · q̂_e − (1 − w) · cost_e / max_c cost_c  with w the request's
+`quality_weight` (1 = quality only, 0 = cheapest), over the candidates that already satisfy the
+hard constraints. Feedback bumps the store's version; the router reloads its rows on the next
+request after `refresh_s`, so routing improves without a restart.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import Literal, Protocol
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from concilium.outcomes.store import Labelled
+from concilium.routers.base import Candidate, Query, QueryRouter, RouteDecision
+from concilium.routers.query.retriever import RetrieverConfig, RetrieverRouter
+
+
+class OutcomeSource(Protocol):
+    """What the router reads from an outcome store."""
+
+    def version(self) -> int: ...
+
+    def labelled(self, dim: int) -> Labelled: ...
+
+
+class PredictiveConfig(BaseModel):
+    """Configuration of the `predictive` router."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["predictive"] = "predictive"
+    k: int = Field(default=32, ge=1, description="Nearest labelled outcomes used per expert.")
+    temperature: float = Field(
+        default=0.1, gt=0, description="Similarity → weight temperature of the neighbours."
+    )
+    prior_strength: float = Field(
+        default=1.0, ge=0, description="Pseudo-observations of the pilot prior (cold start)."
+    )
+    pilot_temperature: float = Field(
+        default=0.05, gt=0, description="How fast the pilot prior falls off from the best match."
+    )
+    default_quality_weight: float = Field(
+        default=1.0,
+        ge=0,
+        le=1,
+        description="quality_weight when the request sets none (concilium calibrate writes it).",
+    )
+    pilots: RetrieverConfig = Field(
+        default_factory=RetrieverConfig, description="The pilot scorer behind the prior."
+    )
+    refresh_s: float = Field(
+        default=1.0, ge=0, description="How often the outcome store's version is checked."
+    )
+
+
+class PredictiveRouter(QueryRouter):
+    kind = "predictive"
+
+    def __init__(self, config: PredictiveConfig | None = None) -> None:
+        self.config = config or PredictiveConfig()
+        self._pilots = RetrieverRouter(self.config.pilots)
+        self._source: OutcomeSource | None = None
+        self._rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._version: int | None = None
+        self._dim: int | None = None
+        self._checked = 0.0
+        self._lock = threading.Lock()
+
+    def attach(self, source: OutcomeSource | None) -> None:
+        """Learn from `source` (an OutcomeStore); None = pilots only."""
+        with self._lock:
+            self._source, self._version, self._rows = source, None, {}
+
+    def prepare(self, candidates: Sequence[Candidate]) -> None:
+        self._pilots.prepare(candidates)
+
+    # -- prediction -----------------------------------------------------------------------------
+    def predict(self, query: Query, candidates: Sequence[Candidate]) -> np.ndarray:
+        """Predicted quality in [0, 1] of each candidate on `query`."""
+        names = [c.name for c in candidates]
+        r = self._pilots.route(query, candidates).scores
+        pilot = np.array([r[n] for n in names], dtype=np.float64)
+        prior = np.exp((pilot - pilot.max()) / self.config.pilot_temperature)
+        rows = self._labelled(query.embedding.size)
+        m = self.config.prior_strength
+        out = np.empty(len(names))
+        for i, name in enumerate(names):
+            num, den = m * prior[i], m
+            if name in rows:
+                emb, q = rows[name]
+                sims = emb @ query.embedding.astype(np.float32)
+                top = np.argsort(-sims)[: self.config.k]
+                w = np.exp((sims[top].astype(np.float64) - 1.0) / self.config.temperature)
+                num += float(w @ q[top])
+                den += float(w.sum())
+            out[i] = num / den if den > 0 else prior[i]
+        return out
+
+    def route(self, query: Query, candidates: Sequence[Candidate]) -> RouteDecision:
+        names = [c.name for c in candidates]
+        q_hat = self.predict(query, candidates)
+        w = (
+            self.config.default_quality_weight
+            if query.quality_weight is None
+            else query.quality_weight
+        )
+        cost = np.array([c.est_cost for c in candidates], dtype=np.float64)
+        rel_cost = cost / cost.max() if cost.max() > 0 else np.zeros_like(cost)
+        utility = w * q_hat - (1 - w) * rel_cost - 1e-9 * rel_cost  # cost breaks exact ties
+        order = np.argsort(-utility, kind="stable")
+        best = int(order[0])
+        return RouteDecision(
+            router=self.kind,
+            experts=(names[best],),
+            weights=(1.0,),
+            scores={n: float(u) for n, u in zip(names, utility, strict=True)},
+            confidence=float(q_hat[best]),
+            reason=f"max predicted quality - cost (quality_weight={w:g})",
+            extra={
+                "predicted_quality": {
+                    n: round(float(q), 4) for n, q in zip(names, q_hat, strict=True)
+                },
+                "quality_weight": w,
+            },
+        )
+
+    def _labelled(self, dim: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        src = self._source
+        if src is None:
+            return {}
+        now = time.monotonic()
+        if (
+            self._version is not None
+            and self._dim == dim
+            and now - self._checked < self.config.refresh_s
+        ):
+            return self._rows
+        with self._lock:
+            self._checked = now
+            version = src.version()
+            if version != self._version or dim != self._dim:
+                self._rows = _group(src.labelled(dim))
+                self._version, self._dim = version, dim
+            return self._rows
+
+
+def _group(rows: Labelled) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Labelled rows per expert: (embeddings [N_e, dim], quality [N_e])."""
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    experts = np.asarray(rows.experts)
+    for name in sorted(set(rows.experts)):
+        mask = experts == name
+        out[name] = (rows.embeddings[mask], rows.quality[mask].astype(np.float64))
+    return out
