@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from concilium.registry.specs import RemoteSpec
 
@@ -12,8 +12,28 @@ Message = dict[str, str]  # {"role": ..., "content": ...}
 
 
 @dataclass(frozen=True, slots=True)
+class TokenRoutingParams:
+    """A per-token mixture of one base's adapters (the expert replica routes every token).
+
+    ``adapters`` are the candidates, already the top-M of the query-level decision: (registered
+    name, stored adapter directory). ``prior`` holds the query router's logits for them, aligned
+    with ``adapters`` (e.g. retriever score / its temperature); the runtime adds
+    ``log_softmax(prior)`` to every token's router logits (Glider's global prior). ``vectors``:
+    per candidate, the path of its registry artifact for ``router`` (PHATGOOSE gate or Arrow
+    prototypes, ``<sha256>.safetensors``) or None: Arrow then computes the prototypes from the
+    adapter itself, PHATGOOSE refuses the request (no gate yet).
+    """
+
+    router: str  # phatgoose | arrow | uniform
+    top_k: int
+    adapters: tuple[tuple[str, str], ...]  # (adapter name, adapter dir) candidates
+    prior: tuple[float, ...] | None = None  # query-level logits aligned with adapters
+    vectors: tuple[str | None, ...] | None = None  # router artifact per adapter, aligned
+
+
+@dataclass(frozen=True, slots=True)
 class GenParams:
-    """Sampling parameters of one generation."""
+    """Sampling parameters of one generation (and its token-level mixture, if any)."""
 
     max_tokens: int = 64
     temperature: float = 0.0  # 0 = greedy
@@ -21,6 +41,7 @@ class GenParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     min_tokens: int = 0  # end-of-sequence is suppressed until this many tokens
+    token_routing: TokenRoutingParams | None = None  # set: a per-token mixture of adapters
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +53,8 @@ class Generation:
     completion_tokens: int
     finish_reason: str  # stop | length
     mean_logprob: float | None = None
+    # mixtures only: {"router", "top_k", "adapter_shares": {name: share}, "mean_entropy", "tokens"}
+    routing_summary: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
