@@ -7,6 +7,9 @@
 * Concurrent requests, whatever their adapters, are decoded together through ``@serve.batch``:
   one forward per token for the whole batch, a different adapter per row.
 * Streams decode on their own and yield text as it settles; a client that goes away cancels them.
+* A request with ``params.token_routing`` is a per-token mixture of adapters: every candidate is
+  acquired through the same multiplexed LRU (and held until the request ends), then it joins the
+  batches like any other row.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from ray import serve
 from concilium.errors import ExpertFailed
 from concilium.experts.base import Generation, GenParams, Message, StreamItem, Target
 from concilium.experts.local import GenRequest, LocalCausalLM
-from concilium.experts.pool import stream_local
+from concilium.experts.pool import needed_adapters, stream_local
 
 log = logging.getLogger(__name__)
 
@@ -87,37 +90,38 @@ class ExpertServer:
         else:
             self.lm.unload_adapter(name)
 
-    async def _acquire(self, target: Target) -> None:
-        if target.adapter is None:
-            return
-        if target.adapter_path is None:
-            raise ExpertFailed(f"adapter {target.adapter!r} came without its path")
-        self._paths[target.adapter] = target.adapter_path
-        self._inflight[target.adapter] += 1
-        await self._adapter(target.adapter)
+    async def _acquire(self, held: list[str], target: Target, params: GenParams) -> None:
+        """Load the request's adapters (a mixture: all its candidates); `held` lists those to
+        release, filled before any load so that a failed load releases them all."""
+        needed = needed_adapters(target, params)
+        for name, path in needed:
+            self._paths[name] = path
+            self._inflight[name] += 1
+            held.append(name)
+        for name, _ in needed:
+            await self._adapter(name)
 
-    def _release(self, target: Target) -> None:
-        a = target.adapter
-        if a is None:
-            return
-        self._inflight[a] -= 1
-        if not self._inflight[a] and a in self._unload_when_idle:
-            self._unload_when_idle.discard(a)
-            self.lm.unload_adapter(a)
+    def _release(self, held: list[str]) -> None:
+        for a in held:
+            self._inflight[a] -= 1
+            if not self._inflight[a] and a in self._unload_when_idle:
+                self._unload_when_idle.discard(a)
+                self.lm.unload_adapter(a)
 
     # -- requests ----------------------------------------------------------------------------
     async def chat(
         self, target: Target, messages: Sequence[Message], params: GenParams
     ) -> Generation:
+        held: list[str] = []
         try:
-            await self._acquire(target)
+            await self._acquire(held, target, params)
             gen: Generation = await self._batch(GenRequest(list(messages), params, target.adapter))
             return gen
         except asyncio.CancelledError:
             self.stats["cancelled"] += 1
             raise
         finally:
-            self._release(target)
+            self._release(held)
 
     async def _run_batch(self, requests: list[GenRequest]) -> list[Generation]:
         self.stats["batches"] += 1
@@ -127,8 +131,9 @@ class ExpertServer:
     async def chat_stream(
         self, target: Target, messages: Sequence[Message], params: GenParams
     ) -> AsyncIterator[StreamItem]:
-        await self._acquire(target)
+        held: list[str] = []
         try:
+            await self._acquire(held, target, params)
             async for item in stream_local(
                 self.lm, GenRequest(list(messages), params, target.adapter)
             ):
@@ -137,7 +142,7 @@ class ExpertServer:
             self.stats["cancelled"] += 1
             raise
         finally:
-            self._release(target)
+            self._release(held)
 
     # -- introspection (tests, operators) ----------------------------------------------------
     def info(self) -> dict[str, Any]:

@@ -5,6 +5,10 @@ target module into a :class:`LoRAMixture`; each adapted ``nn.Linear`` of the bas
 by a :class:`RowAdapterLinear` that routes every token of row b to that row's adapter (weight 1;
 base rows get weight 0). A batch whose rows use 16 different adapters is then one grouped matmul per
 module instead of PEFT's loop over adapters. The stack is rebuilt lazily when the set changes.
+
+A row may instead be a :class:`~concilium.experts.mixing.MixtureRow`: its tokens are routed per
+layer by that request's token router among its candidate adapters (top-k, gates from the router),
+in the same grouped matmul as the single-adapter rows of the batch.
 """
 
 from __future__ import annotations
@@ -17,24 +21,32 @@ import torch
 from torch import Tensor, nn
 
 from concilium.errors import InvalidInput
+from concilium.experts.mixing import MixtureRow
 from concilium.experts.moe.lora_mixture import LoRAMixture, LoRAWeights
 from concilium.experts.moe.lora_patch import load_lora_weights, replace_module, zero_lora
 
 
 class RowAdapterLinear(nn.Module):
-    """A base linear plus the bank's mixture: row b of ``x [B, L, D]`` uses adapter rows[b]."""
+    """A base linear plus the bank's mixture: row b of ``x [B, L, D]`` uses adapter rows[b]
+    (or, for a mixture row, the adapters its token router picks per token)."""
 
-    def __init__(self, base: nn.Linear, bank: AdapterBank) -> None:
+    def __init__(self, name: str, base: nn.Linear, bank: AdapterBank) -> None:
         super().__init__()
-        self.base = base
+        self.name, self.base = name, base
         self.mixture: LoRAMixture | None = None
         self._bank = [bank]  # a list: not a submodule
 
     def forward(self, x: Tensor) -> Tensor:
-        rows = self._bank[0].rows  # [B] adapter index, -1 = no adapter
-        if self.mixture is None or rows is None or bool((rows < 0).all()):
+        bank = self._bank[0]
+        rows = bank.rows  # [B] adapter index, -1 = no adapter (or a mixture row)
+        if self.mixture is None or rows is None:
             return self.base(x)
         lead, d = x.shape[:-1], x.shape[-1]
+        if bank.mixtures:
+            gates, idxs = bank.route(self.name, x)  # [T, K] each
+            return self.mixture(x.reshape(-1, d), gates, idxs).view(*lead, -1)
+        if bool((rows < 0).all()):
+            return self.base(x)
         per_token = rows.view(-1, *([1] * (len(lead) - 1))).expand(lead).reshape(-1, 1)  # [T, 1]
         gates = (per_token >= 0).to(x.dtype)  # [T, 1]
         out = self.mixture(x.reshape(-1, d), gates, per_token.clamp(min=0))
@@ -49,6 +61,8 @@ class AdapterBank:
         self.weights: dict[str, dict[str, LoRAWeights]] = {}
         self.layers: dict[str, RowAdapterLinear] = {}
         self.rows: Tensor | None = None
+        self.mixtures: dict[int, MixtureRow] = {}  # batch row -> its token-level mixture
+        self.valid: Tensor | None = None  # [B, L] real tokens of the next forward (stats only)
         self._stale = False
 
     @property
@@ -74,16 +88,41 @@ class AdapterBank:
             raise InvalidInput(f"the base model has no module {module!r}") from None
         if not isinstance(base, nn.Linear):
             raise InvalidInput(f"{module} is a {type(base).__name__}, not nn.Linear")
-        layer = RowAdapterLinear(base, self)
+        layer = RowAdapterLinear(module, base, self)
         replace_module(self.model, module, layer)
         self.layers[module] = layer
 
-    def set_rows(self, adapters: Sequence[str | None]) -> None:
-        """Select each row's adapter for the next forwards (None: the base alone)."""
+    def set_rows(self, adapters: Sequence[str | MixtureRow | None]) -> None:
+        """Select each row's adapter for the next forwards (None: the base alone; a MixtureRow:
+        its candidates per token, all of which must be in the bank)."""
         if self._stale:
             self._rebuild()
         index = {n: i for i, n in enumerate(self.weights)}
-        self.rows = torch.tensor([-1 if a is None else index[a] for a in adapters])
+        self.mixtures = {i: a for i, a in enumerate(adapters) if isinstance(a, MixtureRow)}
+        for row in self.mixtures.values():
+            row.bind(index)
+        self.rows = torch.tensor([index[a] if isinstance(a, str) else -1 for a in adapters])
+        self.valid = None
+
+    def route(self, module: str, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``x [B, L, D]`` at ``module`` -> ``(gates [B·L, K], idxs [B·L, K])`` for every row:
+        weight 1 on a single-adapter row's adapter, the router's top-k on a mixture row's tokens,
+        zero-weight padding up to the batch's largest K."""
+        assert self.rows is not None and x.dim() == 3, "route() needs set_rows and x [B, L, D]"
+        b, length = x.shape[:2]
+        valid = self.valid if self.valid is not None and self.valid.shape == (b, length) else None
+        routed = {
+            i: row.route(x[i], module, None if valid is None else valid[i])
+            for i, row in self.mixtures.items()
+        }
+        k = max(g.shape[1] for g, _ in routed.values())
+        gates = x.new_zeros(b, length, k)  # [B, L, K]
+        idxs = torch.zeros(b, length, k, dtype=torch.long)
+        gates[:, :, 0] = (self.rows >= 0).to(x.dtype)[:, None]
+        idxs[:, :, 0] = self.rows.clamp(min=0)[:, None]
+        for i, (g, ix) in routed.items():
+            gates[i, :, : g.shape[1]], idxs[i, :, : ix.shape[1]] = g, ix
+        return gates.view(b * length, k), idxs.view(b * length, k)
 
     def _rebuild(self) -> None:
         names = self.names

@@ -4,10 +4,16 @@ One forward serves a batch whose rows use *different* adapters (PEFT's ``adapter
 concurrent requests for many adapters of one base share the model's matmuls. The decode loop is ours
 (left padding, explicit position ids, KV cache, per-row temperature / top-p / stop / max_tokens and
 token log-probabilities) because rows in one batch carry their own sampling parameters.
+
+A row whose ``GenParams.token_routing`` is set is a per-token mixture of its candidate adapters
+(engine ``"mixture"`` only): they are loaded if needed, its token router is built from their
+router artifacts (cached), and it shares the batch's forwards with the single-adapter rows. Its
+Generation carries the routing summary.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import OrderedDict
@@ -16,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from concilium.errors import ExpertFailed, InvalidInput
-from concilium.experts.base import Generation, GenParams, Message
+from concilium.errors import ExpertFailed, ExpertUnavailable, InvalidInput
+from concilium.experts.base import Generation, GenParams, Message, TokenRoutingParams
+from concilium.experts.mixing import FIELD, MixtureRouters, MixtureRow
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
@@ -28,7 +35,7 @@ class GenRequest:
 
     messages: Sequence[Message]
     params: GenParams
-    adapter: str | None = None
+    adapter: str | None = None  # ignored when params.token_routing is set
 
 
 class LocalCausalLM:
@@ -73,10 +80,12 @@ class LocalCausalLM:
             raise InvalidInput(f"engine {engine!r}: expected 'mixture' or 'peft'")
         self.engine = engine
         self.bank: Any = None
+        self.routers: Any = None  # token routers of mixture requests
         if engine == "mixture":
             from concilium.experts.adapters import AdapterBank
 
             self.bank = AdapterBank(self.model)
+            self.routers = MixtureRouters(self.bank)
         self.max_adapters = max_adapters
         self.max_context = max_context or int(
             getattr(model.config, "max_position_embeddings", 2048)
@@ -137,20 +146,16 @@ class LocalCausalLM:
         return self.generate_batch([GenRequest(messages, params, adapter)])[0]
 
     def generate_batch(self, requests: Sequence[GenRequest]) -> list[Generation]:
-        """Decode all rows together, each with its own adapter and sampling parameters."""
+        """Decode all rows together, each with its own adapter (or token-level mixture of
+        adapters) and sampling parameters."""
         if not requests:
             return []
         with self._lock:
-            for r in requests:
-                if r.adapter is not None and r.adapter not in self._adapters:
-                    raise ExpertFailed(f"adapter {r.adapter!r} is not loaded on this replica")
             return _decode(self, requests)
 
     def generate_stream(self, request: GenRequest, emit: Callable[[str], bool]) -> Generation:
         """Decode one request, calling `emit(delta)` as text becomes final; emit False aborts."""
         with self._lock:
-            if request.adapter is not None and request.adapter not in self._adapters:
-                raise ExpertFailed(f"adapter {request.adapter!r} is not loaded on this replica")
             sent = [0]
 
             def on_step(rows: Sequence[_Row]) -> bool:
@@ -164,6 +169,36 @@ class LocalCausalLM:
             if len(gen.text) > sent[0]:
                 emit(gen.text[sent[0] :])
             return gen
+
+    # -- token-level mixtures -----------------------------------------------------------------
+    def _rows(self, requests: Sequence[GenRequest]) -> list[str | MixtureRow | None]:
+        """Each row's adapter, or its MixtureRow (candidates loaded: all must fit the LRU)."""
+        mixed = [r.params.token_routing for r in requests]
+        singles = {r.adapter for r, m in zip(requests, mixed, strict=True) if m is None}
+        singles.discard(None)
+        for name in singles:
+            if name not in self._adapters:
+                raise ExpertFailed(f"adapter {name!r} is not loaded on this replica")
+        needed = singles | {n for m in mixed if m is not None for n, _ in m.adapters}
+        if len(needed) > self.max_adapters:
+            raise ExpertUnavailable(
+                f"this batch needs {len(needed)} adapters; the replica holds {self.max_adapters}"
+            )
+        for name in [n for n in needed if n in self._adapters]:  # keep them through the loads
+            self._adapters.move_to_end(name)  # type: ignore[arg-type]
+        return [
+            r.adapter if m is None else self._mixture_row(m)
+            for r, m in zip(requests, mixed, strict=True)
+        ]
+
+    def _mixture_row(self, tr: TokenRoutingParams) -> MixtureRow:
+        if self.bank is None:
+            raise InvalidInput("token-level mixtures need engine 'mixture'", field=FIELD)
+        if not tr.adapters:
+            raise InvalidInput("token_routing names no candidate adapters", field=FIELD)
+        for name, path in tr.adapters:
+            self.ensure_adapter(name, path)
+        return self.routers.row(tr)
 
     def measure_latency(self, tokens: int = 16) -> dict[str, float]:
         """Latency profile: fixed overhead and per-token time of a short greedy generation (ms)."""
@@ -199,9 +234,11 @@ def _decode(
         )
     max_new = [min(r.params.max_tokens, budget) for r in requests]
     kw = _adapter_kwargs(lm, requests)
+    mixtures: dict[int, MixtureRow] = dict(lm.bank.mixtures) if lm.bank is not None else {}
     gens = [_Row(r.params, tok, n) for r, n in zip(requests, max_new, strict=True)]
     with torch.inference_mode():
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        _mark_valid(lm, mixtures, attn.bool())
         out = lm.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, **kw)
         for _ in range(max(max_new)):
             logits = out.logits[:, -1, :].float()  # [B, V]
@@ -210,6 +247,7 @@ def _decode(
                 break
             attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
             pos = pos[:, -1:] + 1
+            _mark_valid(lm, mixtures, torch.tensor([[not g.done] for g in gens]))
             out = lm.model(
                 input_ids=nxt[:, None],
                 attention_mask=attn,
@@ -219,16 +257,27 @@ def _decode(
                 **kw,
             )
     prompt_lens = attn[:, : ids.shape[1]].sum(-1).tolist()
-    return [g.result(int(n)) for g, n in zip(gens, prompt_lens, strict=True)]
+    out_gens = [g.result(int(n)) for g, n in zip(gens, prompt_lens, strict=True)]
+    for i, row in mixtures.items():
+        out_gens[i] = dataclasses.replace(out_gens[i], routing_summary=row.summary())
+    return out_gens
 
 
 def _adapter_kwargs(lm: LocalCausalLM, requests: Sequence[GenRequest]) -> dict[str, Any]:
+    """Forward kwargs for the batch's adapters (the bank, if any, is set up for its rows)."""
+    rows = lm._rows(requests)
     if lm.bank is not None:
-        lm.bank.set_rows([r.adapter for r in requests])
+        lm.bank.set_rows(rows)
         return {}
     if not lm._adapters:
         return {}
     return {"adapter_names": [r.adapter or BASE for r in requests]}
+
+
+def _mark_valid(lm: LocalCausalLM, mixtures: dict[int, MixtureRow], valid: Any) -> None:
+    """Tell the bank which tokens of the next forward are real (mixture statistics only)."""
+    if mixtures and lm.bank is not None:
+        lm.bank.valid = valid
 
 
 class _Row:

@@ -1,7 +1,9 @@
 """In-process expert backend: loads local models lazily, batches concurrent requests per model.
 
 Requests for one base model that arrive within `batch_window_ms` of each other are decoded in one
-mixed-adapter batch (a different adapter per row). Remote experts share one httpx client.
+mixed-adapter batch (a different adapter per row, or a per-token mixture of adapters for a request
+with ``params.token_routing``: its candidates are loaded before it joins a batch). Remote experts
+share one httpx client.
 """
 
 from __future__ import annotations
@@ -56,6 +58,17 @@ async def stream_local(lm: LocalCausalLM, request: GenRequest) -> AsyncIterator[
         await asyncio.shield(task)
 
 
+def needed_adapters(target: Target, params: GenParams) -> list[tuple[str, str]]:
+    """(name, dir) of the adapters a request runs on: a mixture's candidates, else its adapter."""
+    if params.token_routing is not None:
+        return list(params.token_routing.adapters)
+    if target.adapter is None:
+        return []
+    if target.adapter_path is None:
+        raise ExpertFailed(f"adapter {target.adapter!r} came without its path")
+    return [(target.adapter, target.adapter_path)]
+
+
 class ExpertPool:
     """The in-process ExpertBackend."""
 
@@ -93,7 +106,7 @@ class ExpertPool:
             return await self._remote_chat(target, messages, params)
         if target.model_path is None:
             raise ExpertFailed(f"expert {target.expert!r} has no runnable model")
-        lm = await self._ready(target)
+        lm = await self._ready(target, params)
         key = target.model_path
         if key not in self._batchers:
             self._batchers[key] = MicroBatcher(lm.generate_batch, self.max_batch, self.window_s)
@@ -122,16 +135,16 @@ class ExpertPool:
             yield Delta(gen.text)
             yield gen
             return
-        lm = await self._ready(target)
+        lm = await self._ready(target, params)
         async for item in stream_local(lm, GenRequest(messages, params, target.adapter)):
             yield item
 
-    async def _ready(self, target: Target) -> LocalCausalLM:
+    async def _ready(self, target: Target, params: GenParams) -> LocalCausalLM:
+        """The target's model with its adapter, or all its mixture's candidates, loaded."""
         assert target.model_path is not None
         lm = await asyncio.to_thread(self.model, target.model_path)
-        if target.adapter is not None:
-            assert target.adapter_path is not None
-            await asyncio.to_thread(lm.ensure_adapter, target.adapter, target.adapter_path)
+        for name, path in needed_adapters(target, params):
+            await asyncio.to_thread(lm.ensure_adapter, name, path)
         return lm
 
     async def embed(self, target: Target, texts: Sequence[str]) -> list[list[float]]:
