@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export RAY_SERVE_ENABLE_ACCESS_LOG := 0
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install serve test check bench bench-quick pack clean
+.PHONY: install serve test check bench bench-quick eval pack clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -44,6 +44,9 @@ bench: install pack
 
 bench-quick: install pack
 	for b in $(BENCHES); do $(BIN)/python benchmarks/$$b.py --quick || exit 1; done
+
+eval: install pack
+	$(BIN)/concilium eval
 
 clean:
 	rm -rf $(VENV) .concilium .pytest_cache .mypy_cache .ruff_cache

@@ -297,6 +297,107 @@ def chat(
     )
 
 
+# -- evaluation and calibration ------------------------------------------------------------------
+@app.command("eval")
+def eval_cmd(
+    pack: Path = typer.Option(Path("demo_pack"), help="Demo pack whose experts are evaluated."),
+    table: Path | None = typer.Option(
+        None, help="Evaluate an imported outcome table (RouterBench layout, CSV/Parquet) instead."
+    ),
+    fit_table: Path | None = typer.Option(
+        None, help="Outcomes the predictive router learns from (default: half of --table)."
+    ),
+    out_dir: Path = typer.Option(Path("benchmarks/results"), "--out", help="Results directory."),
+    quick: bool = typer.Option(False, help="4 queries per skill: under a minute."),
+    seed: int = typer.Option(0, help="Seed of samples, splits and the random baseline."),
+) -> None:
+    """Routers and strategies vs baselines: quality, cost, % of oracle, AIQ, APGR, Pareto plot."""
+    import time
+
+    from concilium.evaluation import run_eval
+
+    t0 = time.perf_counter()
+    if table is None and not (pack / "manifest.json").is_file():
+        _fail(f"{pack} is not a demo pack (no manifest.json); build it with `make pack`")
+    try:
+        md, targets = run_eval(
+            out_dir,
+            pack_dir=None if table is not None else pack,
+            table=table,
+            fit_table=fit_table,
+            quick=quick,
+            seed=seed,
+            say=lambda m: err.print(f"[{time.perf_counter() - t0:5.1f}s] {m}", highlight=False),
+        )
+    except ConciliumError as e:
+        _fail(str(e))
+    out.print(md, highlight=False, markup=False)
+    suffix = "_quick" if quick else ""
+    out.print(f"wrote {out_dir}/eval{suffix}.md and eval{suffix}.png", highlight=False)
+    for line in targets:
+        out.print(line, highlight=False, markup=False)
+
+
+@app.command()
+def calibrate(
+    target_share: float = typer.Option(
+        ..., min=0.0, max=1.0, help="Share of traffic that may go to expensive experts."
+    ),
+    pack: Path = typer.Option(Path("demo_pack"), help="Demo pack (its outcome table is used)."),
+    table: Path | None = typer.Option(None, help="An outcome table (RouterBench layout) instead."),
+    expensive: str | None = typer.Option(
+        None, help="Comma-separated expensive experts (default: above the median cost)."
+    ),
+    seed: int = typer.Option(0, help="Seed of the known/calibration split."),
+    config: Path | None = ConfigOpt,
+    out_path: Path | None = typer.Option(
+        None, "--out", help="Write the calibrated config here (default: print it)."
+    ),
+) -> None:
+    """Fit the predictive router's quality weight and the cascade threshold (RouteLLM-style)."""
+    import yaml
+
+    from concilium.evaluation.build import cached_tables
+    from concilium.evaluation.calibrate import calibrate as fit
+    from concilium.evaluation.calibrate import merge_into
+    from concilium.evaluation.harness import demo_replay, imported_replay
+    from concilium.experts.embedder import SentenceEncoder
+    from concilium.outcomes.table import OutcomeTable
+
+    try:
+        encoder = SentenceEncoder()
+        if table is not None:
+            data = OutcomeTable.read(table)
+            replay_for: Any = lambda known, calib: imported_replay(encoder, known, calib)  # noqa: E731
+        else:
+            if not (pack / "manifest.json").is_file():
+                _fail(f"{pack} is not a demo pack (no manifest.json)")
+            data, _ = cached_tables(pack, Path("benchmarks/results/outcomes"), per_skill=None)
+            replay_for = lambda known, calib: demo_replay(pack, encoder, known, calib)  # noqa: E731
+        names = [n.strip() for n in expensive.split(",")] if expensive else None
+        unknown = sorted(set(names or []) - set(data.experts))
+        if unknown:
+            _fail(f"--expensive names experts not in the table: {unknown}")
+        cal = fit(replay_for, data, target_share=target_share, seed=seed, expensive=names)
+    except ConciliumError as e:
+        _fail(str(e))
+    out.print(
+        f"expensive experts: {', '.join(cal.expensive)}\n"
+        f"predictive default_quality_weight = {cal.quality_weight:.2f} "
+        f"({100 * cal.share_at_weight:.1f}% of {cal.queries} calibration queries to expensive)\n"
+        f"cascade_threshold = {cal.cascade_threshold:.4f} "
+        f"({100 * cal.escalation_share:.1f}% escalate past the first stage); seed {seed}",
+        highlight=False,
+    )
+    doc = merge_into(config, cal.config())
+    text = yaml.safe_dump(doc, sort_keys=False)
+    if out_path is None:
+        out.print(text, highlight=False, markup=False)
+    else:
+        out_path.write_text(text)
+        out.print(f"wrote {out_path}")
+
+
 # -- pack ----------------------------------------------------------------------------------------
 @pack_app.command("build")
 def pack_build(

@@ -6,10 +6,14 @@ Predicted quality of expert e on query x blends two sources:
 * **outcomes** — the labelled rows of the outcome store (feedback on live requests, imported
   outcome tables) for e: the k nearest by cosine similarity s_i, each weighted
   w_i = exp((s_i - 1) / temperature), so near-duplicates count fully and far rows vanish;
-* **pilots** (cold start) — RouterRetriever's pilot score r_e turned into a prior
-  p_e = exp((r_e - max_c r_c) / pilot_temperature): 1 for the best-matching candidate, less for
-  the others. A newly registered expert has pilots but no outcomes, so it is routed by its pilots
-  rather than ignored.
+* **a learned head** (`head: logistic`) — per expert with labelled outcomes, a logistic
+  regression on the query embedding (label: quality ≥ 0.5, scikit-learn's default C), refitted in
+  the background when the store has moved and `head_refit_s` has passed; its probability h_e is
+  the prior p_e of that expert;
+* **pilots** (cold start) — for an expert without a head, RouterRetriever's pilot score r_e turned
+  into a prior p_e = exp((r_e - max_c r_c) / pilot_temperature): 1 for the best-matching
+  candidate, less for the others. A newly registered expert has pilots but no outcomes, so it is
+  routed by its pilots rather than ignored.
 
     q̂_e = (Σ_i w_i q_i + m p_e) / (Σ_i w_i + m)        (m = prior_strength)
 
@@ -21,6 +25,7 @@ request after `refresh_s`, so routing improves without a restart.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -63,6 +68,12 @@ class PredictiveConfig(BaseModel):
         le=1,
         description="quality_weight when the request sets none (concilium calibrate writes it).",
     )
+    head: Literal["logistic", "none"] = Field(
+        default="logistic", description="Learned per-expert quality head over the outcomes."
+    )
+    head_refit_s: float = Field(
+        default=30.0, ge=0, description="Least time between two refits of the learned head."
+    )
     pilots: RetrieverConfig = Field(
         default_factory=RetrieverConfig, description="The pilot scorer behind the prior."
     )
@@ -83,6 +94,10 @@ class PredictiveRouter(QueryRouter):
         self._dim: int | None = None
         self._checked = 0.0
         self._lock = threading.Lock()
+        self._heads: dict[str, _Head] = {}
+        self._head_version: int | None = None
+        self._head_fitted = -math.inf
+        self._fitting = False
 
     def attach(self, source: OutcomeSource | None) -> None:
         """Learn from `source` (an OutcomeStore); None = pilots only."""
@@ -100,10 +115,12 @@ class PredictiveRouter(QueryRouter):
         pilot = np.array([r[n] for n in names], dtype=np.float64)
         prior = np.exp((pilot - pilot.max()) / self.config.pilot_temperature)
         rows = self._labelled(query.embedding.size)
+        heads = self._heads
         m = self.config.prior_strength
         out = np.empty(len(names))
         for i, name in enumerate(names):
-            num, den = m * prior[i], m
+            p = heads[name].predict(query.embedding) if name in heads else prior[i]
+            num, den = m * p, m
             if name in rows:
                 emb, q = rows[name]
                 sims = emb @ query.embedding.astype(np.float32)
@@ -159,7 +176,52 @@ class PredictiveRouter(QueryRouter):
             if version != self._version or dim != self._dim:
                 self._rows = _group(src.labelled(dim))
                 self._version, self._dim = version, dim
+            self._maybe_refit(now)
             return self._rows
+
+    def _maybe_refit(self, now: float) -> None:
+        """Refit the heads (in a background thread once a model exists) when the rows moved."""
+        if self.config.head == "none" or self._fitting or self._head_version == self._version:
+            return
+        if now - self._head_fitted < self.config.head_refit_s:
+            return
+        self._fitting, self._head_fitted = True, now
+        rows, version = self._rows, self._version
+
+        def fit() -> None:
+            try:
+                self._heads = {n: _Head.fit(e, q) for n, (e, q) in rows.items()}
+                self._head_version = version
+            finally:
+                self._fitting = False
+
+        if not self._heads:  # the first fit happens inline: the first decisions use it
+            fit()
+        else:
+            threading.Thread(target=fit, name="predictive-head-fit", daemon=True).start()
+
+
+class _Head:
+    """P(quality ≥ 0.5 | query embedding) for one expert: a logistic regression's weights."""
+
+    def __init__(self, constant: float, coef: np.ndarray | None = None, bias: float = 0.0) -> None:
+        self.constant, self.coef, self.bias = constant, coef, bias
+
+    @classmethod
+    def fit(cls, emb: np.ndarray, quality: np.ndarray) -> _Head:
+        y = (quality >= 0.5).astype(np.int64)
+        if y.min() == y.max():  # one class only: its rate is the prediction
+            return cls(float(y[0]))
+        from sklearn.linear_model import LogisticRegression
+
+        lr = LogisticRegression(max_iter=1000).fit(emb.astype(np.float64), y)
+        return cls(float(y.mean()), lr.coef_[0].astype(np.float64), float(lr.intercept_[0]))
+
+    def predict(self, x: np.ndarray) -> float:
+        if self.coef is None:
+            return self.constant
+        z = float(x.astype(np.float64) @ self.coef) + self.bias
+        return 1.0 / (1.0 + math.exp(-max(min(z, 50.0), -50.0)))
 
 
 def _group(rows: Labelled) -> dict[str, tuple[np.ndarray, np.ndarray]]:

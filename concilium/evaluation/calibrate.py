@@ -1,0 +1,135 @@
+"""`concilium calibrate`: thresholds that send a target share of traffic to expensive experts.
+
+RouteLLM's recipe: choose the threshold on a calibration set so that the share of queries routed
+to the strong (expensive) side matches what the operator wants to pay for. Here:
+
+* the predictive router's `default_quality_weight` w: the smallest w on a 0.01 grid at which the
+  share of calibration queries routed to an expensive expert reaches the target;
+* the cascade's `cascade_threshold`: the quantile of first-stage confidences (mean token
+  log-probability) below which the target share of queries escalates.
+
+"Expensive" = experts whose mean cost per query is above the median expert's (or a given list).
+The outcome table is split with the seed: one half is what the predictive router knows, the other
+is the calibration traffic — reproducible given the seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from concilium.evaluation import split
+from concilium.evaluation.simulate import Replay, TableSource, _options
+from concilium.orchestrator.planning import Budget, plan_cascade
+from concilium.routers.query.predictive import PredictiveRouter
+
+GRID = np.round(np.linspace(0, 1, 101), 2)
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    target_share: float
+    expensive: list[str]
+    quality_weight: float
+    share_at_weight: float
+    cascade_threshold: float
+    escalation_share: float
+    seed: int
+    queries: int
+
+    def config(self) -> dict[str, Any]:
+        """The config fragment to merge into a service config."""
+        return {
+            "routers": {
+                "predictive": {
+                    "kind": "predictive",
+                    "default_quality_weight": float(self.quality_weight),
+                }
+            },
+            "strategies": {"cascade_threshold": float(self.cascade_threshold)},
+        }
+
+
+def calibrate(
+    replay_for: Any,
+    table: Any,
+    *,
+    target_share: float,
+    seed: int = 0,
+    expensive: list[str] | None = None,
+    adequacy: float = 0.5,
+) -> Calibration:
+    """Fit both thresholds. `replay_for(fit, calib)` → (Replay over calib, fit embeddings)."""
+    if not 0 <= target_share <= 1:
+        raise ValueError("target share must be in [0, 1]")
+    known, calib = split(table, seed)
+    replay, known_emb = replay_for(known, calib)
+    mean_cost = {e: float(known.cost[:, known.column(e)].mean()) for e in known.experts}
+    if expensive is None:
+        median = float(np.median(list(mean_cost.values())))
+        expensive = sorted(e for e, c in mean_cost.items() if c > median)
+    router = PredictiveRouter()
+    router.attach(TableSource(known, known_emb))
+    router.prepare(replay.candidates)
+    dear = set(expensive)
+    weight, share = 1.0, 1.0
+    for w in GRID:
+        s = float(np.mean([c in dear for c in replay.single(router, quality_weight=w).chosen]))
+        if s >= target_share:
+            weight, share = float(w), s
+            break
+    first = _first_stage_confidences(replay, router, adequacy)
+    first = first[~np.isnan(first)]
+    threshold = float(np.quantile(first, target_share)) if len(first) else 0.0
+    threshold = min(threshold, 0.0)
+    escalated = float(np.mean(first < threshold)) if len(first) else 0.0
+    return Calibration(
+        target_share=target_share,
+        expensive=list(expensive),
+        quality_weight=weight,
+        share_at_weight=share,
+        cascade_threshold=threshold,
+        escalation_share=escalated,
+        seed=seed,
+        queries=len(calib),
+    )
+
+
+def _first_stage_confidences(
+    replay: Replay, router: PredictiveRouter, adequacy: float
+) -> np.ndarray:
+    out = np.full(len(replay.table), np.nan)
+    for i in range(len(replay.table)):
+        d, cands = replay.decide(router, i)
+        plan = plan_cascade(_options(d, cands), Budget(max_experts=3), adequacy=adequacy)
+        if plan is not None:
+            out[i] = replay.table.confidence[i, replay.table.column(plan.experts[0])]
+    return out
+
+
+def merge_into(config_path: Path | None, fragment: dict[str, Any]) -> dict[str, Any]:
+    """The config at `config_path` (plain or Serve YAML) with `fragment` merged in."""
+    import yaml
+
+    doc: dict[str, Any] = {}
+    if config_path is not None and config_path.is_file():
+        doc = yaml.safe_load(config_path.read_text()) or {}
+    target = doc
+    if "applications" in doc:
+        args = doc["applications"][0].setdefault("args", {})
+        target = args.setdefault("concilium", {})
+    elif "concilium" in doc:
+        target = doc["concilium"]
+    _deep_merge(target, fragment)
+    return doc
+
+
+def _deep_merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_merge(dst[k], v)
+        else:
+            dst[k] = v

@@ -1,0 +1,126 @@
+"""The evaluation harness: metrics on hand examples, routing replay and calibration on a
+synthetic outcome table (hash encoder, no model), and the CLI's errors."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from concilium.cli import app
+from concilium.evaluation import split
+from concilium.evaluation.calibrate import calibrate, merge_into
+from concilium.evaluation.harness import evaluate, imported_replay
+from concilium.evaluation.metrics import aiq, apgr, best_at, hull
+from concilium.evaluation.report import markdown, pareto_png, target_lines
+from concilium.outcomes.table import OutcomeTable
+from tests.conftest import HashEncoder
+
+TOPICS = {
+    "strings": ["reverse the word", "spell it backwards", "flip the letters"],
+    "math": ["add the numbers", "sum these values", "compute the total"],
+    "code": ["write a python function", "fix this code", "refactor the class"],
+}
+
+
+def synthetic(n_per: int = 30, seed: int = 0) -> OutcomeTable:
+    """Three cheap specialists, one dear generalist (good everywhere), one useless cheap model."""
+    rng = random.Random(seed)
+    experts = ["strings", "math", "code", "general", "tiny"]
+    prompts, fams = [], []
+    for fam, phrases in TOPICS.items():
+        for i in range(n_per):
+            prompts.append(f"{rng.choice(phrases)} {fam} item {i}")
+            fams.append(fam)
+    q = len(prompts)
+    quality, cost = np.zeros((q, 5)), np.zeros((q, 5))
+    for i, f in enumerate(fams):
+        quality[i, experts.index(f)] = 1.0
+        quality[i, 3] = float(rng.random() < 0.9)
+        cost[i] = [0.01, 0.01, 0.01, 0.1, 0.001]
+    noise = np.array([[rng.random() for _ in range(5)] for _ in range(q)])
+    conf = np.where(quality > 0, -0.5 * noise, -1.0 - 2.0 * noise)
+    answers = [[("ok" if quality[i, j] else f"bad{j}") for j in range(5)] for i in range(q)]
+    return OutcomeTable(
+        sample_ids=[str(i) for i in range(q)],
+        prompts=prompts,
+        families=fams,
+        experts=experts,
+        quality=quality,
+        cost=cost,
+        latency_ms=np.full((q, 5), 10.0),
+        confidence=conf,
+        answers=answers,
+    )
+
+
+def test_hull_aiq_and_apgr_on_hand_examples() -> None:
+    pts = [(1.0, 0.2), (2.0, 0.3), (3.0, 0.9), (4.0, 0.8)]
+    assert hull(pts) == [(1.0, 0.2), (3.0, 0.9)]  # (2, .3) under the chord, (4, .8) dominated
+    assert best_at(pts, 0.5) == 0.0 and best_at(pts, 2.0) == pytest.approx(0.55)
+    assert best_at(pts, 10.0) == 0.9
+    assert aiq([(0.0, 0.5)], 0.0, 1.0) == pytest.approx(0.5)
+    assert aiq([(0.0, 0.0), (1.0, 1.0)], 0.0, 1.0) == pytest.approx(0.5, abs=1e-3)
+    # a router that reaches the strong model's quality at the weak model's cost recovers it all
+    assert apgr([(0.0, 1.0)], (0.0, 0.0), (1.0, 1.0)) == pytest.approx(1.0)
+    assert apgr([(0.0, 0.0), (1.0, 1.0)], (0.0, 0.0), (1.0, 1.0)) == pytest.approx(0.5, abs=1e-3)
+
+
+def test_replay_beats_baselines_on_a_synthetic_catalogue(tmp_path: Path) -> None:
+    table = synthetic()
+    fit, test = split(table, seed=0)
+    replay, fit_emb = imported_replay(HashEncoder(), fit, test)
+    report = evaluate(replay, fit, fit_emb, has_pilots=False)
+    curves = {c.name: c for c in report.curves}
+    assert report.best_single == "general" and report.cheapest == "tiny"
+    oracle = report.oracle.mean()
+    assert oracle["quality"] == 1.0 and oracle["cost"] == pytest.approx(0.01, abs=1e-3)
+    pred = dict(curves["predictive"].points)
+    assert pred["w=1"].mean()["quality"] >= 0.9  # learned from the fit half
+    assert pred["w=0"].mean()["cost"] == pytest.approx(0.001)  # cost only: the cheapest
+    names = {t[0]: t for t in report.targets}
+    assert names["predictive_quality_vs_best_single_at_half_cost"][3]  # specialists are cheap
+    assert names["predictive_aiq_minus_best_baseline_aiq"][3]
+    md = markdown(report, "synthetic")
+    assert "| predictive | w=1 |" in md and "TARGET predictive_unconstrained_vs_oracle" in md
+    assert all(line.startswith("TARGET ") for line in target_lines(report))
+    png = pareto_png(report, tmp_path / "p.png", "synthetic")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_calibration_hits_the_target_share_reproducibly(tmp_path: Path) -> None:
+    table = synthetic(40)
+    enc = HashEncoder()
+
+    def replay_for(known: OutcomeTable, calib: OutcomeTable):  # type: ignore[no-untyped-def]
+        return imported_replay(enc, known, calib)
+
+    a = calibrate(replay_for, table, target_share=0.3, seed=1, expensive=["general"])
+    b = calibrate(replay_for, table, target_share=0.3, seed=1, expensive=["general"])
+    assert a == b
+    assert a.share_at_weight >= 0.3 and 0 <= a.quality_weight <= 1
+    assert abs(a.escalation_share - 0.3) <= 0.1 and a.cascade_threshold <= 0
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("concilium:\n  home: .concilium\n  routers:\n    retriever: {kind: retriever}\n")
+    doc = merge_into(cfg, a.config())
+    assert doc["concilium"]["routers"]["retriever"] == {"kind": "retriever"}
+    assert doc["concilium"]["routers"]["predictive"]["default_quality_weight"] == a.quality_weight
+    assert doc["concilium"]["strategies"]["cascade_threshold"] == a.cascade_threshold
+
+
+def test_cli_eval_and_calibrate_refuse_bad_input(tmp_path: Path) -> None:
+    runner = CliRunner()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("prompt,x\nhello,1\n")
+    r = runner.invoke(app, ["eval", "--table", str(bad), "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "no expert columns" in r.output
+    r = runner.invoke(app, ["eval", "--pack", str(tmp_path / "nope")])
+    assert r.exit_code == 2 and "not a demo pack" in r.output
+    good = synthetic(5).write(tmp_path / "good.csv")
+    r = runner.invoke(
+        app, ["calibrate", "--target-share", "0.3", "--table", str(good), "--expensive", "zzz"]
+    )
+    assert r.exit_code == 2 and "zzz" in r.output
