@@ -80,3 +80,36 @@ def test_embeddings_with_the_packaged_encoder(setup: tuple) -> None:  # type: ig
     assert r.status_code == 200
     vecs = [d["embedding"] for d in r.json()["data"]]
     assert len(vecs) == 2 and len(vecs[0]) == 384
+
+
+def test_token_level_mixture_through_the_gateway(setup: tuple) -> None:  # type: ignore[type-arg]
+    client, manifest, _, _ = setup
+    query, answer = pilot_query(manifest, "reverse")
+    base = manifest["base"]["name"]
+    # one candidate: the mixture is exactly the routed adapter
+    body = _ask(
+        client,
+        query,
+        model=f"{base}:mixture",
+        routing={"token_routing": {"router": "arrow", "top_k": 1, "candidates": 1}},
+    )
+    tr = body["routing"]["token_routing"]
+    assert (
+        body["routing"]["expert"] == "reverse"
+        and body["choices"][0]["message"]["content"] == answer
+    )
+    assert tr["router"] == "arrow"
+    # several candidates under the global prior: shares over the candidates sum to one
+    body = _ask(
+        client, query, routing={"token_routing": {"router": "arrow", "top_k": 2, "candidates": 4}}
+    )
+    shares = body["routing"]["token_routing"]["adapter_shares"]
+    assert len(shares) <= 4 and abs(sum(shares.values()) - 1.0) < 1e-3
+    r = client.post(
+        "/v1/chat/completions",
+        json={
+            "messages": [{"role": "user", "content": query}],
+            "routing": {"token_routing": {"router": "arrow"}, "strategy": "ensemble"},
+        },
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "routing.token_routing"

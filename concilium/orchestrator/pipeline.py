@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import logging
 import time
@@ -26,6 +27,7 @@ from concilium.errors import (
     UnknownModel,
 )
 from concilium.experts.base import ExpertBackend, Generation, GenParams, Message, StreamItem
+from concilium.orchestrator import token_plan
 from concilium.orchestrator.catalog import Catalog, CatalogCache, Entry, estimate_tokens, priced
 from concilium.orchestrator.encoding import BatchingEncoder
 from concilium.orchestrator.objective import Objective
@@ -148,6 +150,15 @@ class Orchestrator:
                 )
             return self.routers[name], None
         name = model
+        if model.endswith(":" + token_plan.MIXTURE):
+            base = model.removesuffix(":" + token_plan.MIXTURE)
+            adapters = [e for e in catalog.of_task(task) if e.candidate.base == base]
+            if not adapters:
+                raise UnknownModel(
+                    f"model {model!r}: {base!r} is not a base model with registered adapters",
+                    field="model",
+                )
+            return self.routers[self.default_router], adapters
         if ":" in model:
             base, _, name = model.partition(":")
             e = catalog.entries.get(name)
@@ -250,7 +261,6 @@ class Orchestrator:
     async def _routed_chat(
         self, req: ChatCompletionRequest
     ) -> tuple[Routed, list[Message], GenParams]:
-        _refuse_unsupported(req.routing)
         try:
             messages: list[Message] = [{"role": m.role, "content": m.text()} for m in req.messages]
         except ValueError as e:
@@ -271,11 +281,17 @@ class Orchestrator:
             max_tokens=params.max_tokens,
             embedding=await self._embed_query(req.model, text),
         )
+        tr = token_plan.requested(req.model, req.routing)
+        if tr is not None:
+            routed, mix = token_plan.mixture_plan(
+                routed, tr, self.registry, routed.objective.strategy
+            )
+            params = dataclasses.replace(params, token_routing=mix)
         return routed, messages, params
 
     async def _embed_query(self, model: str, text: str) -> np.ndarray | None:
         """The query embedding when a router will need it (batched with concurrent requests)."""
-        if model == "auto" or model.startswith("router-"):
+        if model == "auto" or model.startswith("router-") or model.endswith(":mixture"):
             return await self.query_encoder.encode(text)
         return None
 
@@ -386,6 +402,8 @@ class Orchestrator:
             await _aclose(stream)
         cost = _cost(entry, item)
         routing = _routing_object(routed, entry, cost, (time.perf_counter() - t0) * 1000, tried)
+        if item.routing_summary is not None:
+            routing["token_routing"] = item.routing_summary
         self._log(routed, routing)
         yield _event(meta, {}, item.finish_reason, usage=_usage(item), routing=routing)
         yield b"data: [DONE]\n\n"
@@ -405,6 +423,8 @@ class Orchestrator:
         d = routed.decision
         cost = _cost(entry, gen) if ran is None else ran.cost
         routing = _routing_object(routed, entry, cost, latency_ms, tried, ran=ran)
+        if gen.routing_summary is not None:
+            routing["token_routing"] = gen.routing_summary
         body = {
             "id": f"chatcmpl-{d.decision_id}",
             "object": "chat.completion",
@@ -569,12 +589,10 @@ def gate_qualities(decision: RouteDecision) -> dict[str, float]:
 
 
 def _refuse_unsupported(opts: RoutingOptions | None) -> None:
-    if opts is None:
-        return
-    if opts.token_routing is not None and opts.token_routing.router != "none":
+    """Embeddings take no token-level mixture."""
+    if opts is not None and opts.token_routing is not None and opts.token_routing.router != "none":
         raise InvalidInput(
-            f"routing.token_routing.router {opts.token_routing.router!r} is not "
-            "available in this release (supported: 'none')",
+            "routing.token_routing applies to chat generation, not embeddings",
             field="routing.token_routing.router",
         )
 

@@ -11,7 +11,7 @@ class TokenRouting(BaseModel):
     """Per-request token-level routing among adapters (served from the token-routing issue on)."""
 
     model_config = ConfigDict(extra="forbid")
-    router: Literal["phatgoose", "arrow", "none"] = Field(
+    router: Literal["phatgoose", "arrow", "uniform", "none"] = Field(
         default="none", description="Token router mixing adapters inside the replica."
     )
     top_k: int = Field(default=2, ge=1, le=16, description="Adapters mixed per token.")
