@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from concilium.experts.base import ExpertBackend
 from concilium.orchestrator.pipeline import Orchestrator
 from concilium.outcomes.store import OutcomeStore
 from concilium.registry.index import TextEncoder
-from concilium.registry.registry import Profiler, Registry, RegistryLimits
+from concilium.registry.registry import GateTrainer, Profiler, Registry, RegistryLimits
 from concilium.registry.store import AnySpec, ExpertRecord
 from concilium.routers.query import build_router
 
@@ -56,6 +57,7 @@ def open_registry(
         profiler=profiler,
         limits=limits_of(config),
         adapter_routing=arrow_artifacts,
+        gate_trainer=phatgoose_gates(),
     )
 
 
@@ -64,6 +66,27 @@ def arrow_artifacts(adapter_dir: Path) -> dict[str, Any]:
     from concilium.experts.moe.lora_gates import arrow_prototypes
 
     return {m: p.numpy() for m, p in arrow_prototypes(adapter_dir).items()}
+
+
+def phatgoose_gates(steps: int = 100, time_budget_s: float = 30.0, threads: int = 1) -> GateTrainer:
+    """PHATGOOSE gates at registration: trained on a private copy of the base (loaded on first
+    use), adapter frozen, its own examples only, ``threads`` intra-op threads on the job thread."""
+    trainers: list[Any] = []
+
+    def train(
+        base_dir: Path,
+        adapter_dir: Path,
+        examples: list[tuple[str, str]],
+        stop: Callable[[], bool] | None = None,
+    ) -> dict[str, Any]:
+        from concilium.experts.moe.lora_gates import PhatgooseTrainer
+
+        if not trainers:
+            trainer = PhatgooseTrainer(steps=steps, time_budget_s=time_budget_s, threads=threads)
+            trainers.append(trainer)
+        return dict(trainers[0](base_dir, adapter_dir, examples, stop))
+
+    return train
 
 
 def pool_profiler(backend: Any) -> Profiler:

@@ -5,6 +5,11 @@ strict adapter config, shapes against the base, safe URLs), copies adapter files
 content-addressed artifact store, embeds the pilot examples and description, records a cost profile,
 and inserts the row, bumping the registry version. If any step fails the SQLite registry is
 unchanged.
+
+A lora whose spec carries ``train_examples`` also gets a PHATGOOSE gate: registration queues its
+training (adapter frozen, its own examples only) on a background thread and returns at once; when
+the gate is stored the row gains an artifact ``phatgoose`` and the registry version is bumped
+again, so every cache refreshes. Nothing else is touched: no other adapter's gate changes.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import numpy as np
 
 from concilium.errors import AdapterRejected, ExpertNotFound, SpecError
 from concilium.registry.artifacts import ArtifactStore
+from concilium.registry.gate_jobs import JobQueue
 from concilium.registry.index import PilotIndex, TextEncoder
 from concilium.registry.specs import LoraSpec, ModelSpec, RemoteSpec, parse_spec
 from concilium.registry.store import AnySpec, ExpertRecord, RegistryStore
@@ -30,6 +36,13 @@ log = logging.getLogger(__name__)
 Profiler = Callable[[AnySpec, Path | None], dict[str, float]]
 # a validated, stored adapter dir -> its token-routing arrays ({module: prototype [D]})
 AdapterRouting = Callable[[Path], dict[str, np.ndarray]]
+# (base model dir, stored adapter dir, [(prompt, completion)], stop) -> gates {module: [D]};
+# once stop() is true the trainer should return early (its result is discarded)
+GateTrainer = Callable[
+    [Path, Path, list[tuple[str, str]], Callable[[], bool]], dict[str, np.ndarray]
+]
+# token router -> the artifact key holding its per-adapter vectors
+ROUTER_ARTIFACTS = {"arrow": "arrow", "phatgoose": "phatgoose"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +67,7 @@ class Registry:
         profiler: Profiler | None = None,
         limits: RegistryLimits | None = None,
         adapter_routing: AdapterRouting | None = None,
+        gate_trainer: GateTrainer | None = None,
     ) -> None:
         self.home = Path(home)
         self.store = RegistryStore(self.home / "registry.sqlite")
@@ -61,7 +75,9 @@ class Registry:
         self.encoder = encoder
         self.profiler = profiler
         self.adapter_routing = adapter_routing  # token-routing artifacts of a lora (Arrow)
+        self.gate_trainer = gate_trainer  # a lora's PHATGOOSE gate, trained in the background
         self.limits = limits or RegistryLimits()
+        self.jobs = JobQueue(self._train_gate)
 
     # -- reads -------------------------------------------------------------------------------
     def version(self) -> int:
@@ -81,10 +97,17 @@ class Registry:
             return Path(record.spec.path)
         return None
 
-    def token_routing(self, record: ExpertRecord) -> dict[str, np.ndarray]:
-        """Arrow prototypes of a lora expert, ``{module: p [D]}`` (empty for other kinds)."""
-        ref = record.artifacts.get("arrow")
-        return self.artifacts.load_arrays(ref) if ref else {}
+    def token_routing(self, record: ExpertRecord, router: str = "arrow") -> dict[str, np.ndarray]:
+        """A lora's vectors for a token router (Arrow prototypes, PHATGOOSE gates), ``{module:
+        [D]}``; empty when it has none (yet)."""
+        path = self.router_artifact(record, router)
+        return self.artifacts.load_arrays(path.name) if path else {}
+
+    def router_artifact(self, record: ExpertRecord, router: str) -> Path | None:
+        """The file of a lora's vectors for ``router`` (what ``TokenRoutingParams.vectors``
+        carries to the replicas), or None: not a lora, or its gate is not trained (yet)."""
+        ref = record.artifacts.get(ROUTER_ARTIFACTS.get(router, ""))
+        return self.artifacts.path(ref) if ref else None
 
     def embeddings(self, record: ExpertRecord) -> dict[str, np.ndarray]:
         """{"pilots": [P, dim], "description": [1, dim]} for one expert."""
@@ -110,6 +133,7 @@ class Registry:
             from concilium.errors import Conflict
 
             raise Conflict(f"expert {spec.name!r} is already registered", field="name")
+        _check_train_examples(spec)
         artifacts, runtime_dir = self._validate_and_copy(spec)
         artifacts["embeddings"] = self.artifacts.put_arrays(self._embed(spec))
         if isinstance(spec, LoraSpec) and runtime_dir is not None and self.adapter_routing:
@@ -119,11 +143,78 @@ class Registry:
         log.info(
             "registered expert %s (%s) at registry version %d", spec.name, spec.kind, record.version
         )
+        if self._wants_gate(record):
+            self.jobs.submit(spec.name)
         return record
 
     def remove(self, name: str) -> int:
         """Remove an expert; returns the new registry version."""
         return self.store.remove(name)
+
+    # -- PHATGOOSE gates (background) ---------------------------------------------------------
+    def wait_for_gates(self, timeout: float | None = None) -> bool:
+        """Block until every queued gate training is done; False on timeout."""
+        return self.jobs.wait(timeout)
+
+    def train_pending_gates(self) -> builtins.list[str]:
+        """Queue the gates a previous process did not finish (none failed); returns their names."""
+        names = [r.name for r in self.list() if self._wants_gate(r)]
+        for name in names:
+            self.jobs.submit(name)
+        return names
+
+    def _wants_gate(self, record: ExpertRecord) -> bool:
+        a = record.artifacts
+        return (
+            self.gate_trainer is not None
+            and isinstance(record.spec, LoraSpec)
+            and bool(record.spec.train_examples)
+            and "adapter" in a
+            and "phatgoose" not in a
+            and "phatgoose_error" not in a
+        )
+
+    def _train_gate(self, name: str) -> None:
+        """Train one lora's gate from its stored adapter and its own examples; store it."""
+        try:
+            rec = self.store.get(name)
+        except ExpertNotFound:
+            return  # removed while queued
+        if not self._wants_gate(rec):
+            return
+        assert isinstance(rec.spec, LoraSpec) and self.gate_trainer is not None
+        base = self.store.get(rec.spec.base).spec
+        assert isinstance(base, ModelSpec)
+        examples = [(e["prompt"], e["completion"]) for e in rec.spec.train_examples]
+        adapter = self.artifacts.path(rec.artifacts["adapter"])
+        stop = self.jobs.stopping.is_set
+        try:
+            gates = self.gate_trainer(Path(base.path), adapter, examples, stop)
+        except Exception as e:
+            log.exception("PHATGOOSE gate of %s failed", name)
+            self._set_artifact(rec, "phatgoose_error", f"{type(e).__name__}: {e}")
+            return
+        if stop():
+            return  # cut short at exit: train_pending_gates picks it up next time
+        version = self._set_artifact(rec, "phatgoose", self.artifacts.put_arrays(gates))
+        log.info("PHATGOOSE gate of %s stored at registry version %s", name, version)
+
+    def _set_artifact(self, rec: ExpertRecord, key: str, value: Any) -> int | None:
+        """Add one artifact to a stored row and bump the version; None if the row changed
+        (removed, or re-registered with another adapter) meanwhile."""
+        import json
+
+        store = self.store
+        with store._write() as db:  # the store's own transaction (write lock + version bump)
+            row = db.execute("SELECT artifacts FROM experts WHERE name = ?", (rec.name,)).fetchone()
+            current = json.loads(row[0]) if row else None
+            if current is None or current.get("adapter") != rec.artifacts["adapter"]:
+                return None
+            current[key] = value
+            db.execute(
+                "UPDATE experts SET artifacts = ? WHERE name = ?", (json.dumps(current), rec.name)
+            )
+            return store._bump(db)
 
     def gc(self) -> builtins.list[str]:
         """Drop artifacts no registered expert refers to."""
@@ -226,7 +317,18 @@ class Registry:
         return profile
 
 
-_REF_KEYS = ("adapter", "embeddings", "arrow")
+_REF_KEYS = ("adapter", "embeddings", "arrow", "phatgoose")
+
+
+def _check_train_examples(spec: AnySpec) -> None:
+    """Gate-training data is ``{"prompt": str, "completion": str}`` pairs, nothing else."""
+    for i, e in enumerate(spec.train_examples):
+        if set(e) != {"prompt", "completion"} or not e["prompt"] or not e["completion"]:
+            raise SpecError(
+                f"train_examples[{i}] must have exactly a non-empty 'prompt' and 'completion' "
+                f"(got keys {sorted(e)})",
+                field=f"train_examples.{i}",
+            )
 
 
 def _absolutise(spec: AnySpec, base_dir: Path | None) -> AnySpec:

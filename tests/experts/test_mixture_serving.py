@@ -167,3 +167,33 @@ def test_pool_serves_mixtures_batched_and_streamed(pack: dict):  # type: ignore[
     assert isinstance(final, Generation) and final.text == gen.text
     assert "".join(i.text for i in items if isinstance(i, Delta)) == gen.text
     _same_summary(final, gen)
+
+
+def test_gates_trained_at_registration_serve_a_phatgoose_mixture(
+    lm: LocalCausalLM,
+    pack: dict,  # type: ignore[type-arg]
+    tmp_path: Path,
+):
+    """What the orchestrator does: candidates' stored dirs and gate artifacts from the registry."""
+    from concilium.orchestrator.service import arrow_artifacts, phatgoose_gates
+    from concilium.registry.registry import Registry
+    from tests.conftest import HashEncoder
+    from tests.registry.test_gate_registration import _spec
+
+    reg = Registry(
+        tmp_path, HashEncoder(), adapter_routing=arrow_artifacts, gate_trainer=phatgoose_gates(2)
+    )
+    reg.register({"kind": "model", "name": "demo-moe", "path": str(pack["dir"] / "base")})
+    recs = [reg.register(_spec(pack["dir"], s, n_examples=4)) for s in ("reverse", "rotate")]
+    assert reg.wait_for_gates(timeout=120)
+    recs = [reg.get(r.name) for r in recs]
+    for router in ("phatgoose", "arrow"):
+        tr = TokenRoutingParams(
+            router,
+            2,
+            tuple((r.name, str(reg.runtime_path(r))) for r in recs),
+            prior=(2.0, 0.0),
+            vectors=tuple(str(reg.router_artifact(r, router)) for r in recs),
+        )
+        g = lm.generate(_msgs(pack, "reverse"), GenParams(max_tokens=12, token_routing=tr))
+        _check_summary(g, ("reverse", "rotate"), router)

@@ -5,6 +5,7 @@
 * :func:`train_phatgoose_gate` — PHATGOOSE: per adapted layer a gate vector ``v [D]``; the layer
   becomes ``W x + σ(v·x) · s·B A x``; only the gates train, on the adapter's own examples, with the
   base and the adapter frozen. The model is patched for the run and restored after.
+  :class:`PhatgooseTrainer` is the registration-time driver (its own copy of the base, thread cap).
 
 Both read one adapter and return ``{module name: tensor [D]}``; nothing else is touched, so
 registering an adapter changes no other adapter's artifacts.
@@ -12,7 +13,9 @@ registering an adapter changes no other adapter's artifacts.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,8 @@ from torch import Tensor, nn
 from concilium.errors import InvalidInput
 from concilium.experts.moe.lora_mixture import LoRAWeights
 from concilium.experts.moe.lora_patch import load_lora_weights, replace_module
+
+log = logging.getLogger(__name__)
 
 
 def arrow_prototypes(adapter: str | Path | Mapping[str, LoRAWeights]) -> dict[str, Tensor]:
@@ -66,11 +71,15 @@ def train_phatgoose_gate(
     lr: float = 1e-2,
     batch_size: int = 16,
     seed: int = 0,
+    time_budget_s: float | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, Tensor]:
     """Train one adapter's gates on its own ``(prompt, completion)`` examples -> ``{module: v}``.
 
     ``model`` is the plain base causal LM (it is patched during training and restored, its weights
-    untouched); ``tokenizer`` formats prompts with its chat template when it has one.
+    untouched); ``tokenizer`` formats prompts with its chat template when it has one. Training
+    stops early (fewer than ``steps``) once ``time_budget_s`` seconds have passed or
+    ``should_stop()`` is true, if given.
     """
     if not examples:
         raise InvalidInput("PHATGOOSE gate training needs at least one example")
@@ -81,7 +90,9 @@ def train_phatgoose_gate(
     originals = {m: replace_module(model, m, g) for m, g in gated.items()}
     try:
         pad = int(getattr(tokenizer, "pad_token_id", None) or 0)
-        _fit(model, [g.gate for g in gated.values()], rows, (steps, lr, batch_size, seed), pad)
+        knobs = (steps, lr, batch_size, seed)
+        stop = _stopper(time_budget_s, should_stop)
+        _fit(model, [g.gate for g in gated.values()], rows, knobs, pad, stop)
     finally:
         for m, orig in originals.items():
             replace_module(model, m, orig)
@@ -125,17 +136,34 @@ def _fit(
     rows: list[tuple[list[int], int]],
     knobs: tuple[int, float, int, int],
     pad: int,
+    stop: Callable[[], bool],
 ) -> None:
     steps, lr, batch_size, seed = knobs
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(params, lr=lr)
     model.train()
-    for _ in range(steps):
+    for step in range(steps):
+        if stop():
+            log.warning("PHATGOOSE gate training stopped after %d of %d steps", step, steps)
+            break
         pick = torch.randint(len(rows), (min(batch_size, len(rows)),), generator=gen).tolist()
         loss = model(**_batch([rows[i] for i in pick], pad)).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+
+
+def _stopper(
+    time_budget_s: float | None, should_stop: Callable[[], bool] | None
+) -> Callable[[], bool]:
+    """True once the time budget is spent or the caller asks to stop."""
+    deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
+
+    def stop() -> bool:
+        late = deadline is not None and time.monotonic() > deadline
+        return late or (should_stop is not None and should_stop())
+
+    return stop
 
 
 def _freeze(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
@@ -150,3 +178,53 @@ def _restore(model: nn.Module, flags: Sequence[tuple[nn.Parameter, bool]], train
     for p, flag in flags:
         p.requires_grad_(flag)
     model.train(training)
+
+
+class PhatgooseTrainer:
+    """Trains gates at registration on a private copy of one base (never the serving model:
+    training patches it). Thread-safe: one training at a time. ``threads`` caps the intra-op
+    threads of the calling thread only (PyTorch's setting is per thread), so serving threads
+    keep theirs."""
+
+    def __init__(self, *, steps: int = 100, time_budget_s: float = 30.0, threads: int = 1) -> None:
+        import threading
+
+        self.steps, self.time_budget_s, self.threads = steps, time_budget_s, threads
+        self._model: tuple[str, Any, Any] | None = None  # (base dir, model, tokenizer)
+        self._lock = threading.Lock()
+
+    def __call__(
+        self,
+        base_dir: Path,
+        adapter_dir: Path,
+        examples: Sequence[tuple[str, str]],
+        should_stop: Callable[[], bool] | None = None,
+    ) -> dict[str, Any]:
+        """``{module: gate [D]}`` as numpy arrays (what the artifact store keeps)."""
+        with self._lock:
+            model, tok = self._base(base_dir)
+            before = torch.get_num_threads()
+            torch.set_num_threads(self.threads)
+            try:
+                gates = train_phatgoose_gate(
+                    model,
+                    tok,
+                    adapter_dir,
+                    examples,
+                    steps=self.steps,
+                    time_budget_s=self.time_budget_s,
+                    should_stop=should_stop,
+                )
+            finally:
+                torch.set_num_threads(before)
+        return {m: g.numpy() for m, g in gates.items()}
+
+    def _base(self, base_dir: Path) -> tuple[Any, Any]:
+        if self._model is None or self._model[0] != str(base_dir):
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            model = AutoModelForCausalLM.from_pretrained(
+                base_dir, use_safetensors=True, trust_remote_code=False, dtype=torch.float32
+            )
+            self._model = (str(base_dir), model.eval(), AutoTokenizer.from_pretrained(base_dir))
+        return self._model[1], self._model[2]
