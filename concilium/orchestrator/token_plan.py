@@ -73,8 +73,8 @@ def mixture_plan(
         if path is None:
             raise InvalidInput(f"adapter {c.name!r} has no stored files", field=field)
         adapters.append((c.name, path))
-        ref = entry.record.artifacts.get(tr.router)
-        vectors.append(str(registry.artifacts.path(ref)) if isinstance(ref, str) else None)
+        path_of = registry.router_artifact(entry.record, tr.router)
+        vectors.append(None if path_of is None else str(path_of))
     if tr.router == "phatgoose" and any(v is None for v in vectors):
         missing = [a for (a, _), v in zip(adapters, vectors, strict=True) if v is None]
         raise InvalidInput(
