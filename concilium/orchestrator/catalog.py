@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from concilium.experts.base import Target
+from concilium.experts.base import Generation, Target
 from concilium.registry.registry import Registry
 from concilium.registry.specs import LoraSpec, ModelSpec, RemoteSpec
 from concilium.registry.store import ExpertRecord
@@ -45,6 +45,14 @@ class Catalog:
 def estimate_tokens(text: str) -> int:
     """Rough token count for cost estimates before the expert tokenises (≈4 chars per token)."""
     return max(1, math.ceil(len(text) / 4))
+
+
+def cost_of(entry: Entry, gen: Generation) -> float:
+    """What a finished generation cost: its tokens at the expert's prices."""
+    s = entry.spec
+    return (
+        gen.prompt_tokens * s.price_in_per_1k + gen.completion_tokens * s.price_out_per_1k
+    ) / 1000
 
 
 def priced(entry: Entry, prompt_tokens: int, max_tokens: int) -> Candidate:

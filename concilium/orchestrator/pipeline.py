@@ -28,7 +28,14 @@ from concilium.errors import (
 )
 from concilium.experts.base import ExpertBackend, Generation, GenParams, Message, StreamItem
 from concilium.orchestrator import token_plan
-from concilium.orchestrator.catalog import Catalog, CatalogCache, Entry, estimate_tokens, priced
+from concilium.orchestrator.catalog import (
+    Catalog,
+    CatalogCache,
+    Entry,
+    cost_of,
+    estimate_tokens,
+    priced,
+)
 from concilium.orchestrator.encoding import BatchingEncoder
 from concilium.orchestrator.objective import Objective
 from concilium.orchestrator.planning import Budget, Option, Plan, plan_cascade, plan_ensemble
@@ -400,7 +407,7 @@ class Orchestrator:
             return
         finally:
             await _aclose(stream)
-        cost = _cost(entry, item)
+        cost = cost_of(entry, item)
         routing = _routing_object(routed, entry, cost, (time.perf_counter() - t0) * 1000, tried)
         if item.routing_summary is not None:
             routing["token_routing"] = item.routing_summary
@@ -421,7 +428,7 @@ class Orchestrator:
     ) -> Outcome:
         assert gen is not None
         d = routed.decision
-        cost = _cost(entry, gen) if ran is None else ran.cost
+        cost = cost_of(entry, gen) if ran is None else ran.cost
         routing = _routing_object(routed, entry, cost, latency_ms, tried, ran=ran)
         if gen.routing_summary is not None:
             routing["token_routing"] = gen.routing_summary
@@ -521,13 +528,6 @@ def _encode(vector: list[float], fmt: str) -> list[float] | str:
     if fmt == "base64":
         return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
     return vector
-
-
-def _cost(entry: Entry, gen: Generation) -> float:
-    s = entry.spec
-    return (
-        gen.prompt_tokens * s.price_in_per_1k + gen.completion_tokens * s.price_out_per_1k
-    ) / 1000
 
 
 def _usage(gen: Generation) -> dict[str, int]:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from concilium.errors import ExpertFailed, ExpertTimeout
 from concilium.experts.base import ExpertBackend, Generation, GenParams, Message
-from concilium.orchestrator.catalog import Entry
+from concilium.orchestrator.catalog import Entry, cost_of
 from concilium.orchestrator.fusion import Vote, fuse
 from concilium.orchestrator.planning import Plan
 
@@ -37,12 +37,7 @@ class Member:
 
     @property
     def cost(self) -> float:
-        g, s = self.generation, self.entry.spec
-        if g is None:
-            return 0.0
-        return (
-            g.prompt_tokens * s.price_in_per_1k + g.completion_tokens * s.price_out_per_1k
-        ) / 1000
+        return 0.0 if self.generation is None else cost_of(self.entry, self.generation)
 
     def summary(self) -> dict[str, Any]:
         g = self.generation
