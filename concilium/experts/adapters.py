@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from concilium.errors import InvalidInput
-from concilium.experts.mixing import MixtureRow
+from concilium.experts.mixing import MixtureRow, route_rows
 from concilium.experts.moe.lora_mixture import LoRAMixture, LoRAWeights
 from concilium.experts.moe.lora_patch import load_lora_weights, replace_module, zero_lora
 
@@ -111,17 +111,22 @@ class AdapterBank:
         assert self.rows is not None and x.dim() == 3, "route() needs set_rows and x [B, L, D]"
         b, length = x.shape[:2]
         valid = self.valid if self.valid is not None and self.valid.shape == (b, length) else None
-        routed = {
-            i: row.route(x[i], module, None if valid is None else valid[i])
-            for i, row in self.mixtures.items()
-        }
-        k = max(g.shape[1] for g, _ in routed.values())
+        groups: dict[int, list[int]] = {}  # rows sharing a router are routed in one call
+        for i, row in self.mixtures.items():
+            groups.setdefault(id(row.router), []).append(i)
+        routed = []
+        for rows in groups.values():
+            sel = torch.tensor(rows)
+            mixed = [self.mixtures[i] for i in rows]
+            g, ix = route_rows(mixed, x[sel], module, None if valid is None else valid[sel])
+            routed.append((sel, g, ix))  # [R], [R, L, k], [R, L, k]
+        k = max(g.shape[-1] for _, g, _ in routed)
         gates = x.new_zeros(b, length, k)  # [B, L, K]
         idxs = torch.zeros(b, length, k, dtype=torch.long)
         gates[:, :, 0] = (self.rows >= 0).to(x.dtype)[:, None]
         idxs[:, :, 0] = self.rows.clamp(min=0)[:, None]
-        for i, (g, ix) in routed.items():
-            gates[i, :, : g.shape[1]], idxs[i, :, : ix.shape[1]] = g, ix
+        for sel, g, ix in routed:
+            gates[sel, :, : g.shape[-1]], idxs[sel, :, : ix.shape[-1]] = g.to(x.dtype), ix
         return gates.view(b * length, k), idxs.view(b * length, k)
 
     def _rebuild(self) -> None:

@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 from concilium.errors import ConfigError, InvalidInput
 from concilium.experts.base import TokenRoutingParams
-from concilium.routers.token import TokenPrior, TokenRouter, build_token_router, prior_from_scores
+from concilium.routers.token import (
+    TokenPrior,
+    TokenRouter,
+    build_token_router,
+    prior_from_scores,
+    stack_priors,
+)
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -48,14 +54,11 @@ class MixtureRow:
 
     def route(self, x: Tensor, layer: str, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``x [L, D]`` -> ``(gates [L, K], idxs [L, K])`` into the bank's stack; records stats."""
-        import torch
+        gates, idxs = route_rows([self], x[None], layer, None if valid is None else valid[None])
+        return gates[0], idxs[0]
 
-        gates, idxs = self.router.route(x, layer, self.prior)
-        gates = torch.nan_to_num(gates, nan=0.0)  # a layer that none of the candidates adapts
-        self._record(gates, idxs, valid, layer)
-        return gates, self.index[idxs]
-
-    def _record(self, gates: Tensor, idxs: Tensor, valid: Tensor | None, layer: str) -> None:
+    def record(self, gates: Tensor, idxs: Tensor, valid: Tensor | None, layer: str) -> None:
+        """Add one layer's decisions ``[L, K]`` (real tokens only) to the summary."""
         g = gates.detach().double()
         if valid is not None:
             g, idxs = g[valid], idxs[valid]
@@ -77,6 +80,28 @@ class MixtureRow:
             "mean_entropy": self.entropy / max(self.decisions, 1),
             "tokens": self.decisions // max(len(self.layers), 1),
         }
+
+
+def route_rows(
+    rows: Sequence[MixtureRow], x: Tensor, layer: str, valid: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Rows sharing one router, ``x [R, L, D]``, routed in one call (each row's prior repeated
+    over its tokens) -> ``(gates [R, L, K], idxs [R, L, K])`` into the bank's stack."""
+    import torch
+
+    router = rows[0].router
+    assert all(r.router is router for r in rows), "route_rows needs rows of one router"
+    r, length, d = x.shape
+    priors = [row.prior for row in rows]
+    prior = priors[0]  # [M], the same for every token, when all rows share it
+    if any(p is not prior for p in priors):
+        prior = stack_priors(priors, [length] * r, len(router.adapters))  # [R·L, M]
+    gates, idxs = router.route(x.reshape(r * length, d), layer, prior)
+    gates = torch.nan_to_num(gates, nan=0.0)  # a layer that none of the candidates adapts
+    gates, idxs = gates.view(r, length, -1), idxs.view(r, length, -1)
+    for i, row in enumerate(rows):
+        row.record(gates[i], idxs[i], None if valid is None else valid[i], layer)
+    return gates, rows[0].index[idxs]
 
 
 def check_kind(kind: str) -> None:

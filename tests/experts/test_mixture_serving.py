@@ -91,11 +91,16 @@ def test_mixture_and_single_adapter_rows_share_a_batch(lm: LocalCausalLM, pack: 
         GenRequest(_msgs(pack, "rotate"), _mix(pack, "arrow")),
         GenRequest(_msgs(pack, "uppercase"), GenParams(max_tokens=12), None),
         GenRequest(_msgs(pack, "caesar"), _mix(pack, "uniform", ("caesar",))),
+        # the same router as row 1 (routed in one call with it), its own prior
+        GenRequest(_msgs(pack, "uppercase"), _mix(pack, "arrow", prior=(0.0, 4.0, 0.0, 0.0))),
     ]
     batched = lm.generate_batch(reqs)
     alone = [lm.generate_batch([r])[0] for r in reqs]
     assert [g.text for g in batched] == [g.text for g in alone]
-    assert [g.routing_summary is None for g in batched] == [True, False, True, False]
+    assert [g.routing_summary is None for g in batched] == [True, False, True, False, False]
+    _same_summary(batched[4], alone[4])
+    shares = [batched[i].routing_summary["adapter_shares"] for i in (1, 4)]  # type: ignore[index]
+    assert shares[1]["uppercase"] > shares[0]["uppercase"]  # the prior moved the mass
     assert batched[0].text == next(r for r in pack["rows"] if r["skill"] == "reverse")["answer"]
     _same_summary(batched[1], alone[1])
 
