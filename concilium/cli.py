@@ -115,9 +115,12 @@ def experts_add(
         from concilium.orchestrator.http import record_json
 
         try:
-            body = record_json(_registry(config, home).register(data, base_dir=base_dir))
+            registry = _registry(config, home)
+            body = record_json(registry.register(data, base_dir=base_dir))
         except ConciliumError as e:
             _fail(str(e))
+        if not registry.wait_for_gates(timeout=120):  # the PHATGOOSE gate trains in background
+            err.print("warning: the PHATGOOSE gate is still training; it resumes next start")
     if as_json:
         out.print_json(data=body)
     else:
