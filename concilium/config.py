@@ -178,6 +178,11 @@ class ServiceConfig(BaseModel):
     model_root: Path | None = Field(
         default=None, description="When set, `model` experts must live under this directory."
     )
+    train_gates: bool = Field(
+        default=True,
+        description="Train a lora's PHATGOOSE gate in the background when it is registered "
+        "with train_examples (needed for routing.token_routing.router 'phatgoose').",
+    )
     deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
     outcomes: OutcomesConfig = Field(default_factory=OutcomesConfig)
     strategies: StrategyConfig = Field(default_factory=StrategyConfig)

@@ -21,7 +21,9 @@ ADMIN = {"Authorization": "Bearer k"}
 @pytest.fixture(scope="module")
 def setup(pack_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:  # type: ignore[type-arg]
     home = tmp_path_factory.mktemp("home")
-    cfg = load_config(None, home=home, pack=pack_dir, admin_api_key="k")
+    # no PHATGOOSE gates: this module mixes with Arrow, and 10 background trainings would only
+    # load the CPU for the rest of the suite (tests/registry covers gates at registration)
+    cfg = load_config(None, home=home, pack=pack_dir, admin_api_key="k", train_gates=False)
     svc = build_service(cfg)
     manifest = json.loads((pack_dir / "manifest.json").read_text())
     rows = [json.loads(x) for x in (pack_dir / "heldout.jsonl").read_text().splitlines() if x]

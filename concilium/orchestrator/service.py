@@ -57,7 +57,7 @@ def open_registry(
         profiler=profiler,
         limits=limits_of(config),
         adapter_routing=arrow_artifacts,
-        gate_trainer=phatgoose_gates(),
+        gate_trainer=phatgoose_gates() if config.train_gates else None,
     )
 
 

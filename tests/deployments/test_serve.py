@@ -62,6 +62,7 @@ def gateway(pack_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         port=port,
         admin_api_key="k",
         deployment=_deployment_config(),
+        train_gates=False,  # gates are covered in tests/registry; here they would only load the CPU
     )
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
