@@ -5,7 +5,9 @@
   sticks to replicas that already hold it. Serve's eviction unloads the adapter only once no
   in-flight request uses it.
 * Concurrent requests, whatever their adapters, are decoded together through ``@serve.batch``:
-  one forward per token for the whole batch, a different adapter per row.
+  one forward per token for the whole batch, a different adapter per row. (Serve 2.60 splits a
+  batch by ``multiplexed_model_id`` and runs the sub-batches concurrently; a `MicroBatcher` with a
+  1 ms window joins them back into one mixed-adapter forward.)
 * Streams decode on their own and yield text as it settles; a client that goes away cancels them.
 * A request with ``params.token_routing`` is a per-token mixture of adapters: every candidate is
   acquired through the same multiplexed LRU (and held until the request ends), then it joins the
@@ -25,10 +27,12 @@ from ray import serve
 
 from concilium.errors import ExpertFailed
 from concilium.experts.base import Generation, GenParams, Message, StreamItem, Target
+from concilium.experts.batching import MicroBatcher
 from concilium.experts.local import GenRequest, LocalCausalLM
 from concilium.experts.pool import needed_adapters, stream_local
 
 log = logging.getLogger(__name__)
+MERGE_WINDOW_S = 0.001  # Serve's per-adapter sub-batches start within this of each other
 
 
 class _Resident:
@@ -68,6 +72,9 @@ class ExpertServer:
         async def run_batch(requests: list[GenRequest]) -> list[Generation]:
             return await self._run_batch(requests)
 
+        self._merger: MicroBatcher[list[GenRequest], list[Generation]] = MicroBatcher(
+            self._generate_merged, max_batch=max_batch, window_s=MERGE_WINDOW_S
+        )
         self._adapter = serve.multiplexed(max_num_models_per_replica=max_adapters)(load)
         self._batch = serve.batch(
             max_batch_size=max_batch, batch_wait_timeout_s=batch_wait_ms / 1e3
@@ -124,9 +131,23 @@ class ExpertServer:
             self._release(held)
 
     async def _run_batch(self, requests: list[GenRequest]) -> list[Generation]:
-        self.stats["batches"] += 1
+        # Serve splits a batch by multiplexed_model_id and runs the per-adapter sub-batches
+        # concurrently; the merger joins them again so every adapter shares one forward.
         self.stats["batched_rows"] += len(requests)
-        return await asyncio.to_thread(self.lm.generate_batch, requests)
+        return await self._merger.submit(requests)
+
+    def _generate_merged(self, groups: list[list[GenRequest]]) -> list[list[Generation]]:
+        """One mixed-adapter forward for every sub-batch that arrived together."""
+        self.stats["batches"] += 1
+        flat = [r for g in groups for r in g]
+        if len({r.adapter for r in flat}) > 1:
+            self.stats["mixed_adapter_batches"] += 1
+        out = self.lm.generate_batch(flat)
+        split, start = [], 0
+        for g in groups:
+            split.append(out[start : start + len(g)])
+            start += len(g)
+        return split
 
     async def chat_stream(
         self, target: Target, messages: Sequence[Message], params: GenParams

@@ -14,6 +14,7 @@ import os
 import socket
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +229,27 @@ def test_adapters_beyond_the_lru_cap_are_evicted_and_reloaded(
     infos = expert_infos("concilium", "expert-demo-moe")
     assert all(len(i["adapters"]) <= 3 for i in infos.values())
     assert sum(i["stats"].get("adapter_evictions", 0) for i in infos.values()) >= 2
+
+
+def test_concurrent_requests_for_different_adapters_share_one_forward(
+    gateway: str, manifest: dict[str, Any]
+) -> None:
+    """Serve splits batches by multiplexed_model_id; the replica joins them again."""
+    skills = [e["name"] for e in manifest["experts"] if e["default"]][:3]  # within the LRU cap
+    asks = [(*pilot_query(manifest, s), s) for s in skills] * 4
+
+    def mixed() -> int:
+        infos = expert_infos("concilium", "expert-demo-moe")
+        return sum(i["stats"].get("mixed_adapter_batches", 0) for i in infos.values())
+
+    for q, _, s in asks[:3]:  # load the adapters first
+        chat(gateway, q, model=f"demo-moe:{s}")
+    before = mixed()
+    with ThreadPoolExecutor(len(asks)) as pool:
+        rs = list(pool.map(lambda a: chat(gateway, a[0], model=f"demo-moe:{a[2]}"), asks))
+    assert all(r.status_code == 200 for r in rs)
+    assert [r.json()["choices"][0]["message"]["content"] for r in rs] == [a[1] for a in asks]
+    assert mixed() > before
 
 
 def test_burst_scales_one_expert_and_a_killed_replica_loses_nothing(
