@@ -140,6 +140,7 @@ def save_adapter(model: Any, out: Path) -> None:
     cfg_path = out / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["base_model_name_or_path"] = HUB_NAME  # PEFT wrote this machine's model directory
+    cfg["target_modules"] = sorted(cfg["target_modules"])  # PEFT writes a set, in hash order
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     readme = out / "README.md"
     if readme.exists():
