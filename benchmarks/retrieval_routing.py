@@ -28,7 +28,12 @@ sys.path.insert(0, str(ROOT))
 
 from concilium.config import load_config  # noqa: E402
 from concilium.embedpack import install_embed_pack  # noqa: E402
-from concilium.embedpack.evaluate import NdcgTable, ndcg_table, sample_heldout  # noqa: E402
+from concilium.embedpack.evaluate import (  # noqa: E402
+    NdcgTable,
+    ndcg_table,
+    ratio_ci,
+    sample_heldout,
+)
 from concilium.embedpack.manifest import load_heldout, load_manifest  # noqa: E402
 from concilium.orchestrator.objective import Objective  # noqa: E402
 from concilium.orchestrator.service import build_service  # noqa: E402
@@ -109,9 +114,21 @@ def report(
         f"{v / oracle:.3f} |"
         for name, v in rows
     ]
+    lines += ["", *_intervals(table, chosen, base, best)]
     lines += ["", *_per_domain(table, chosen, domain_expert, base), ""]
     lines += _targets(routed, singles[base], singles[best], oracle)
     return lines
+
+
+def _intervals(table: NdcgTable, chosen: list[str], base: str, best: str) -> list[str]:
+    """Paired-bootstrap 95 % intervals of the routed ratios (same queries, resampled together)."""
+    routed = table.routed(chosen)
+    out = ["Routed nDCG@10 ratio, 95 % paired-bootstrap interval over queries:", ""]
+    for label, other in (("base", base), (f"best single ({best})", best)):
+        col = table.scores[:, table.experts.index(other)]
+        r, lo, hi = ratio_ci(routed, col)
+        out.append(f"- vs {label}: {r:.3f} [{lo:.3f}, {hi:.3f}]")
+    return out
 
 
 def _per_domain(
@@ -155,14 +172,14 @@ def _targets(routed: float, base: float, best: float, oracle: float) -> list[str
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pack", type=Path, default=ROOT / "embed_pack")
-    ap.add_argument("--quick", action="store_true", help="20 queries, 80 documents per domain")
+    ap.add_argument("--quick", action="store_true", help="10 queries, 30 documents per domain")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    if args.threads:
-        import torch
+    import torch
 
+    if args.threads:
         torch.set_num_threads(args.threads)
     out_path = args.out or ROOT / "benchmarks" / "results" / (
         "retrieval_routing_quick.md" if args.quick else "retrieval_routing.md"
@@ -171,8 +188,8 @@ def main() -> int:
     manifest = load_manifest(args.pack)
     queries, corpus = sample_heldout(
         load_heldout(args.pack),
-        queries_per_domain=20 if args.quick else None,
-        corpus_per_domain=80 if args.quick else None,
+        queries_per_domain=10 if args.quick else None,
+        corpus_per_domain=30 if args.quick else None,
         seed=args.seed,
     )
     loop = asyncio.new_event_loop()
@@ -188,7 +205,8 @@ def main() -> int:
         loop.run_until_complete(svc.backend.aclose())
     loop.close()
     lines = report(table, chosen, experts_only, manifest, args.quick)
-    lines.insert(-3, f"Run time: {time.perf_counter() - t0:.0f} s.\n")
+    took = time.perf_counter() - t0
+    lines.insert(-3, f"Run time: {took:.0f} s with {torch.get_num_threads()} torch thread(s).\n")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

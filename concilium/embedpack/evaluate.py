@@ -18,7 +18,7 @@ import numpy as np
 from concilium.embedpack.manifest import HeldoutItem
 from concilium.embedpack.metrics import ndcg_at_k, top_k
 
-__all__ = ["NdcgTable", "ndcg_table", "sample_heldout"]
+__all__ = ["NdcgTable", "ndcg_table", "ratio_ci", "sample_heldout"]
 
 Embed = Callable[[str, list[str]], np.ndarray]  # (expert, texts) -> [N, D], L2-normalised
 K = 10
@@ -85,3 +85,14 @@ def ndcg_table(
                 ranked = [docs[j].id for j in row]
                 scores[i, e] = ndcg_at_k(ranked, {queries[i].id: 1.0}, K)
     return NdcgTable(tuple(queries), tuple(experts), scores)
+
+
+def ratio_ci(
+    a: np.ndarray, b: np.ndarray, *, n: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """mean(a) / mean(b) over paired per-query scores, with a 95 % paired-bootstrap interval."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(n, len(a)))  # [n, Q] resampled query indices
+    ratios = a[idx].mean(axis=1) / b[idx].mean(axis=1)
+    lo, hi = np.percentile(ratios, [2.5, 97.5])
+    return float(a.mean() / b.mean()), float(lo), float(hi)

@@ -32,3 +32,15 @@ def test_top_k_best_first_ties_by_index() -> None:
     q = np.array([[1, 0], [0, 1]], dtype=np.float32)
     assert top_k(q, docs, 3).tolist() == [[0, 2, 3], [1, 3, 0]]
     assert top_k(q, docs, 10).shape == (2, 4)
+
+
+def test_ratio_ci_is_paired() -> None:
+    from concilium.embedpack.evaluate import ratio_ci
+
+    b = np.linspace(0.2, 1.0, 50)
+    assert ratio_ci(b, b) == pytest.approx((1.0, 1.0, 1.0))
+    r, lo, hi = ratio_ci(2 * b, b)
+    assert r == pytest.approx(2.0) and lo == pytest.approx(2.0) and hi == pytest.approx(2.0)
+    noisy = b + np.random.default_rng(0).normal(0, 0.05, 50)
+    r, lo, hi = ratio_ci(noisy, b)
+    assert lo < r < hi and lo < 1.0 < hi
