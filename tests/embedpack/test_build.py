@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from concilium.embedpack.corpus import Domain, extract
+from concilium.embedpack.corpus import Domain, Item, extract
 from concilium.embedpack.pilots import medoid_pilots
 from concilium.embedpack.splits import split_domain
 from concilium.embedpack.train import TrainConfig, save_adapter, train_adapter
@@ -18,8 +18,12 @@ from concilium.registry.validate import validate_adapter_dir, validate_model_dir
 TINY = Domain("tiny", "json and text wrapping", ("text",), ("json", "textwrap", "difflib"), ())
 
 
-def test_corpus_items_are_unique_and_deterministic() -> None:
-    items = extract(TINY)
+@pytest.fixture(scope="module")
+def items() -> list[Item]:
+    return extract(TINY)
+
+
+def test_corpus_items_are_unique_and_deterministic(items: list[Item]) -> None:
     assert len(items) >= 8 and items == extract(TINY)
     assert len({it.query for it in items}) == len(items)
     for it in items:
@@ -28,8 +32,7 @@ def test_corpus_items_are_unique_and_deterministic() -> None:
     assert any(it.path == "json.dumps" for it in items)
 
 
-def test_split_holds_out_a_fixed_disjoint_set() -> None:
-    items = extract(TINY)
+def test_split_holds_out_a_fixed_disjoint_set(items: list[Item]) -> None:
     a = split_domain("tiny", items, seed=0, n_eval=4, max_train=100)
     assert a == split_domain("tiny", items, seed=0, n_eval=4, max_train=100)
     assert len(a.heldout) == 4 and not set(a.heldout) & set(a.train)
@@ -50,8 +53,8 @@ def test_medoid_pilots_cover_the_clusters() -> None:
     assert medoid_pilots(texts[:2], vecs[:2], 3, seed=0) == texts[:2]
 
 
-def test_trained_adapter_passes_registry_validation(tmp_path: Path) -> None:
-    pairs = [(it.query, it.document) for it in extract(TINY)[:6]]
+def test_trained_adapter_passes_registry_validation(items: list[Item], tmp_path: Path) -> None:
+    pairs = [(it.query, it.document) for it in items[:6]]
     cfg = TrainConfig(steps=1, batch_size=4, doc_len=32, query_len=16)
     model, fit = train_adapter(default_model_dir(), pairs, cfg, seed=0)
     save_adapter(model, tmp_path / "a")
