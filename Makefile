@@ -26,7 +26,7 @@ $(PACK): | $(STAMP)
 pack: $(PACK)
 
 serve: install pack
-	$(BIN)/concilium serve --pack demo_pack
+	$(BIN)/concilium serve --pack demo_pack --embed-pack embed_pack
 
 test: install
 	$(BIN)/python -m pytest

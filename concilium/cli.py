@@ -49,10 +49,13 @@ def serve(
     port: int | None = typer.Option(None, help="Port (default 8000)."),
     home: Path | None = HomeOpt,
     pack: Path | None = typer.Option(None, help="Demo pack to seed an empty registry from."),
+    embed_pack: Path | None = typer.Option(
+        None, help="Embedding pack (domain embedding experts) to register on first start."
+    ),
     no_ray: bool = typer.Option(False, "--no-ray", help="Serve in-process with uvicorn, no Ray."),
 ) -> None:
     """Start the gateway (local Ray Serve by default) and print how to call it."""
-    cfg = _config(config, host=host, port=port, home=home, pack=pack)
+    cfg = _config(config, host=host, port=port, home=home, pack=pack, embed_pack=embed_pack)
     try:
         if no_ray:
             from concilium.orchestrator.local_server import run_local

@@ -17,7 +17,7 @@ def default_home() -> Path:
     return Path(os.environ.get("CONCILIUM_HOME", ".concilium"))
 
 
-def _default_routers() -> dict[str, Any]:
+def default_routers() -> dict[str, Any]:
     return {
         "retriever": {"kind": "retriever"},
         "category": {"kind": "category"},
@@ -154,12 +154,16 @@ class ServiceConfig(BaseModel):
     )
     default_router: str = Field(default="retriever", description="Router used for model 'auto'.")
     routers: dict[str, RouterConfig] = Field(
-        default_factory=_default_routers,
+        default_factory=default_routers,
         validate_default=True,
         description="Named query routers (model 'router-<name>').",
     )
     pack: Path | None = Field(
         default=None, description="Demo pack dir to seed an empty registry from (default experts)."
+    )
+    embed_pack: Path | None = Field(
+        default=None,
+        description="Embedding pack dir (domain LoRA experts on MiniLM) registered on first start.",
     )
     seed_embedder: bool = Field(
         default=True, description="Register the packaged all-MiniLM-L6-v2 as embed expert 'minilm'."

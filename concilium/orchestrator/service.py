@@ -150,10 +150,18 @@ def open_outcomes(config: ServiceConfig) -> OutcomeStore | None:
 
 
 def seed_registry(registry: Registry, config: ServiceConfig) -> list[ExpertRecord]:
-    """Fill an empty registry: the demo pack's default experts and the packaged embedder."""
+    """Fill a new registry: the demo pack's default experts, the embedding pack, the embedder.
+
+    The embedding pack is installed while its base (the packaged MiniLM, expert ``minilm``) is not
+    registered yet, i.e. on first start: an expert the operator removed later stays removed.
+    """
     added: list[ExpertRecord] = []
     if config.pack is not None and not registry.list():
         added += install_pack(registry, config.pack, include_held_out=False)
+    if config.embed_pack is not None and EMBEDDER_EXPERT not in {r.name for r in registry.list()}:
+        from concilium.embedpack.install import install_embed_pack
+
+        added += install_embed_pack(registry, config.embed_pack)
     if config.seed_embedder and EMBEDDER_EXPERT not in {r.name for r in registry.list()}:
         from concilium.experts.embedder import default_model_dir
 

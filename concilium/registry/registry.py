@@ -43,6 +43,7 @@ GateTrainer = Callable[
 ]
 # token router -> the artifact key holding its per-adapter vectors
 ROUTER_ARTIFACTS = {"arrow": "arrow", "phatgoose": "phatgoose"}
+MAX_PILOTS = 128  # pilot embeddings kept per expert (examples first, then training prompts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,8 +291,9 @@ class Registry:
 
     def _embed(self, spec: AnySpec) -> dict[str, np.ndarray]:
         desc = spec.description or spec.name
-        vecs = self.encoder.encode([desc, *spec.examples])  # [1 + P, dim]
-        pilots = vecs[1:] if spec.examples else vecs[:1]
+        texts = pilot_texts(spec)
+        vecs = self.encoder.encode([desc, *texts])  # [1 + P, dim]
+        pilots = vecs[1:] if texts else vecs[:1]
         return {"pilots": pilots.astype(np.float32), "description": vecs[:1].astype(np.float32)}
 
     def _profile(self, spec: AnySpec, runtime_dir: Path | None) -> dict[str, Any]:
@@ -315,6 +317,22 @@ class Registry:
             profile.update(self.profiler(spec, runtime_dir))
             profile["measured"] = True
         return profile
+
+
+def pilot_texts(spec: AnySpec, cap: int = MAX_PILOTS) -> list[str]:
+    """The queries whose embeddings represent an expert: its pilots, then its training prompts.
+
+    A spec's ``examples`` always come first; the distinct prompts of its ``train_examples`` (the
+    adapter's own training queries) widen the set of phrasings the retriever has seen, spread
+    evenly over the list, up to ``cap`` texts in all. Duplicates are dropped.
+    """
+    out = list(dict.fromkeys(spec.examples))
+    seen = set(out)
+    extra = [p for p in dict.fromkeys(e["prompt"] for e in spec.train_examples) if p not in seen]
+    room = max(cap - len(out), 0)
+    if len(extra) > room:
+        extra = [extra[i * len(extra) // room] for i in range(room)] if room else []
+    return out + extra
 
 
 _REF_KEYS = ("adapter", "embeddings", "arrow", "phatgoose")

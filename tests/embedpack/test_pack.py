@@ -82,12 +82,22 @@ def client(
     tmp_path_factory: pytest.TempPathFactory, encoder: SentenceEncoder
 ) -> Iterator[TestClient]:
     home = tmp_path_factory.mktemp("home")
-    cfg = load_config(None, home=home, seed_embedder=False)
-    svc = build_service(cfg, encoder=encoder, seed=False)
-    install_embed_pack(svc.registry, PACK)
+    cfg = load_config(None, home=home, embed_pack=PACK)  # seeded as `make serve` does
+    svc = build_service(cfg, encoder=encoder)
     with TestClient(create_app(svc)) as c:
         c.app_state = svc  # type: ignore[attr-defined]
         yield c
+
+
+def test_the_service_seeds_the_embedding_pack_once(client: TestClient) -> None:
+    svc = client.app_state  # type: ignore[attr-defined]
+    names = {r.name for r in svc.registry.list()}
+    assert names == {EMBEDDER_EXPERT} | {f"{BASE_NAME}-{d}" for d in DOMAINS}
+    version = svc.registry.version()
+    assert seed_registry(svc.registry, svc.config) == []  # a restart adds nothing
+    assert svc.registry.version() == version
+    listed = {m["id"] for m in client.get("/v1/models").json()["data"]}
+    assert {f"{BASE_NAME}-{d}" for d in DOMAINS} <= listed
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from concilium.config import load_config
+from concilium.config import default_routers, load_config
 from concilium.errors import InvalidInput, ObjectiveUnsatisfiable
 from concilium.orchestrator.http import create_app
 from concilium.orchestrator.objective import Objective
@@ -49,7 +49,10 @@ EXPERTS = [
 
 
 def _service(home: Path, backend: FakeBackend, experts: list[dict[str, object]]) -> Service:
-    cfg = load_config(None, home=home, seed_embedder=False)
+    # RouterRetriever's plain mean over the two pilots each: soft enough gates that both reverse
+    # experts count as adequate for a reverse query (the cascade tests rely on that).
+    routers = {**default_routers(), "retriever": {"kind": "retriever", "aggregate": "mean"}}
+    cfg = load_config(None, home=home, seed_embedder=False, routers=routers)
     svc = build_service(cfg, encoder=HashEncoder(), backend=backend, seed=False)
     for s in experts:
         svc.registry.register(s)

@@ -94,3 +94,26 @@ def test_bad_specs_are_rejected_and_registry_unchanged(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="base 'nope'"):
         reg.register({"kind": "lora", "name": "ad", "base": "nope", "path": str(tmp_path)})
     assert reg.version() == 0 and reg.list() == []
+
+
+def test_pilot_texts_are_the_examples_then_distinct_training_prompts() -> None:
+    from concilium.registry.registry import pilot_texts
+    from concilium.registry.specs import parse_spec
+
+    train = [{"prompt": f"p{i % 5}", "completion": "x"} for i in range(20)] + [
+        {"prompt": "a", "completion": "y"}
+    ]
+    spec = parse_spec(
+        {
+            "kind": "remote",
+            "name": "r",
+            "url": "https://example.com/v1",
+            "model_name": "m",
+            "examples": ["a", "b", "a"],
+            "train_examples": train,
+        }
+    )
+    assert pilot_texts(spec) == ["a", "b", "p0", "p1", "p2", "p3", "p4"]
+    capped = pilot_texts(spec, cap=4)
+    assert capped[:2] == ["a", "b"] and len(capped) == 4 and len(set(capped)) == 4
+    assert pilot_texts(spec, cap=1) == ["a", "b"]  # the examples are never cut

@@ -86,12 +86,27 @@ def test_unknown_router_kind_lists_valid_kinds() -> None:
 def test_retriever_aggregations_differ_where_they_should() -> None:
     cands = candidates()
     q = Query("t", np.asarray(cands[0].pilots[0]))
-    for agg in ("mean", "max", "topk"):
+    for agg in ("softmax", "mean", "max", "topk"):
         d = build_router({"kind": "retriever", "aggregate": agg}).route(q, cands)
         assert d.expert == "reverse"
     cfg = {"kind": "retriever", "aggregate": "max", "description_weight": 0}
     dmax = build_router(cfg).route(q, cands)
     assert dmax.scores["reverse"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_retriever_softmax_aggregate_lies_between_mean_and_max() -> None:
+    cands = candidates()
+    q = Query("t", np.asarray(cands[0].pilots[0]))
+
+    def score(agg: str, **kw: float) -> float:
+        cfg = {"kind": "retriever", "aggregate": agg, "description_weight": 0, **kw}
+        return build_router(cfg).route(q, cands).scores["reverse"]
+
+    lo, hi = score("mean"), score("max")
+    assert lo < hi
+    assert lo < score("softmax", pilot_temperature=0.1) < hi
+    assert score("softmax", pilot_temperature=1e-4) == pytest.approx(hi, abs=1e-3)
+    assert score("softmax", pilot_temperature=1e4) == pytest.approx(lo, abs=1e-3)
 
 
 def test_retriever_description_weight_adds_the_description_similarity() -> None:
