@@ -22,6 +22,7 @@ from concilium.evaluation.metrics import Point, aiq, apgr, best_at, hull
 from concilium.evaluation.simulate import Replay, Result, TableSource
 from concilium.outcomes.table import OutcomeTable
 from concilium.registry.index import TextEncoder
+from concilium.registry.registry import pilot_texts
 from concilium.routers.base import Candidate
 from concilium.routers.query.category import CategoryRouter
 from concilium.routers.query.predictive import PredictiveRouter
@@ -70,8 +71,8 @@ def demo_replay(
                 name=name,
                 kind=s["kind"],
                 task="generate",
-                pilots=encoder.encode(s.get("examples") or [])
-                if s.get("examples")
+                pilots=encoder.encode(texts)
+                if (texts := pilot_texts(s))
                 else np.zeros((0, encoder.dim), np.float32),
                 description=encoder.encode([s.get("description") or name])[0],
                 categories=tuple(s.get("categories") or ()),

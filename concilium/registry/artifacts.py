@@ -15,6 +15,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -58,6 +59,7 @@ class ArtifactStore:
         ref = h.hexdigest()
         dest = self.root / ref
         if dest.is_dir():
+            os.utime(dest)  # reused: fresh again, so a concurrent gc leaves it alone
             return ref
         tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".tmp-"))
         try:
@@ -78,7 +80,9 @@ class ArtifactStore:
         blob = save({k: np.ascontiguousarray(v) for k, v in sorted(arrays.items())})
         ref = hashlib.sha256(blob).hexdigest() + ".safetensors"
         dest = self.root / ref
-        if not dest.exists():
+        if dest.exists():
+            os.utime(dest)  # reused: fresh again, so a concurrent gc leaves it alone
+        else:
             fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-")
             with os.fdopen(fd, "wb") as f:
                 f.write(blob)
@@ -98,12 +102,23 @@ class ArtifactStore:
 
         return load_file(str(self.path(ref)))
 
-    def gc(self, referenced: Iterable[str]) -> list[str]:
-        """Delete artifacts not in `referenced` (and stale temporaries); returns the removed."""
+    def gc(self, referenced: Iterable[str], grace_s: float = 600.0) -> list[str]:
+        """Delete artifacts not in `referenced` (and stale temporaries); returns the removed.
+
+        Entries written or reused within the last `grace_s` seconds are kept: a registration or a
+        gate training stores its artifact before the row that refers to it, and a concurrent gc
+        must not delete it in between.
+        """
         keep = set(referenced)
+        cutoff = time.time() - grace_s
         removed = []
         for p in self.root.iterdir():
             if p.name in keep:
+                continue
+            try:
+                if p.stat().st_mtime > cutoff:
+                    continue
+            except FileNotFoundError:
                 continue
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)

@@ -203,24 +203,14 @@ class Registry:
     def _set_artifact(self, rec: ExpertRecord, key: str, value: Any) -> int | None:
         """Add one artifact to a stored row and bump the version; None if the row changed
         (removed, or re-registered with another adapter) meanwhile."""
-        import json
+        return self.store.update_artifacts(
+            rec.name, {key: value}, expect={"adapter": rec.artifacts["adapter"]}
+        )
 
-        store = self.store
-        with store._write() as db:  # the store's own transaction (write lock + version bump)
-            row = db.execute("SELECT artifacts FROM experts WHERE name = ?", (rec.name,)).fetchone()
-            current = json.loads(row[0]) if row else None
-            if current is None or current.get("adapter") != rec.artifacts["adapter"]:
-                return None
-            current[key] = value
-            db.execute(
-                "UPDATE experts SET artifacts = ? WHERE name = ?", (json.dumps(current), rec.name)
-            )
-            return store._bump(db)
-
-    def gc(self) -> builtins.list[str]:
-        """Drop artifacts no registered expert refers to."""
+    def gc(self, grace_s: float = 600.0) -> builtins.list[str]:
+        """Drop artifacts no registered expert refers to (older than `grace_s` seconds)."""
         refs = {v for r in self.list() for k, v in r.artifacts.items() if k in _REF_KEYS}
-        return self.artifacts.gc(refs)
+        return self.artifacts.gc(refs, grace_s=grace_s)
 
     # -- steps ------------------------------------------------------------------------------
     def _exists(self, name: str) -> bool:
@@ -319,16 +309,21 @@ class Registry:
         return profile
 
 
-def pilot_texts(spec: AnySpec, cap: int = MAX_PILOTS) -> list[str]:
+def pilot_texts(spec: AnySpec | Mapping[str, Any], cap: int = MAX_PILOTS) -> list[str]:
     """The queries whose embeddings represent an expert: its pilots, then its training prompts.
 
     A spec's ``examples`` always come first; the distinct prompts of its ``train_examples`` (the
     adapter's own training queries) widen the set of phrasings the retriever has seen, spread
-    evenly over the list, up to ``cap`` texts in all. Duplicates are dropped.
+    evenly over the list, up to ``cap`` texts in all. Duplicates are dropped. Takes a parsed spec
+    or a spec dict (the evaluation harness reads pack manifests).
     """
-    out = list(dict.fromkeys(spec.examples))
+    if isinstance(spec, Mapping):
+        examples, train = spec.get("examples") or [], spec.get("train_examples") or []
+    else:
+        examples, train = spec.examples, spec.train_examples
+    out = list(dict.fromkeys(examples))
     seen = set(out)
-    extra = [p for p in dict.fromkeys(e["prompt"] for e in spec.train_examples) if p not in seen]
+    extra = [p for p in dict.fromkeys(e["prompt"] for e in train) if p not in seen]
     room = max(cap - len(out), 0)
     if len(extra) > room:
         extra = [extra[i * len(extra) // room] for i in range(room)] if room else []

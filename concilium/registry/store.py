@@ -155,6 +155,27 @@ class RegistryStore:
             db.execute("DELETE FROM experts WHERE name = ?", (name,))
             return self._bump(db)
 
+    def update_artifacts(
+        self, name: str, changes: dict[str, Any], expect: dict[str, Any] | None = None
+    ) -> int | None:
+        """Merge `changes` into one row's artifacts and bump the version, in one transaction.
+
+        Returns the new version, or None (nothing written) when the row is gone or any `expect`
+        entry no longer matches (the expert was removed or re-registered meanwhile).
+        """
+        with self._write() as db:
+            row = db.execute("SELECT artifacts FROM experts WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                return None
+            current = json.loads(row[0])
+            if any(current.get(k) != v for k, v in (expect or {}).items()):
+                return None
+            current.update(changes)
+            db.execute(
+                "UPDATE experts SET artifacts = ? WHERE name = ?", (json.dumps(current), name)
+            )
+            return self._bump(db)
+
     def get(self, name: str) -> ExpertRecord:
         with self._connect() as db:
             row = db.execute(

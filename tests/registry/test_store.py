@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from concilium.errors import Conflict, ExpertNotFound, SpecError, UnsafeURL
-from concilium.registry.registry import Registry
+from concilium.registry.registry import Registry, pilot_texts
 from concilium.registry.specs import parse_spec
 from concilium.registry.store import RegistryStore
 from tests.conftest import HashEncoder, remote_spec
@@ -78,9 +80,35 @@ def test_remove_leaves_no_orphaned_index_entries(tmp_path: Path) -> None:
     reg.remove("a")
     index = reg.build_index(reg.list())
     assert index.experts == {"b"} and len(index) == 1
-    removed = reg.gc()
+    assert reg.gc() == []  # a's embeddings are younger than the grace period
+    removed = reg.gc(grace_s=0)
     assert reg.get("b").artifacts["embeddings"] not in removed
     assert len(removed) == 1  # a's embeddings
+
+
+def test_gc_spares_a_fresh_unreferenced_artifact_and_reuse_refreshes_it(tmp_path: Path) -> None:
+
+    reg = Registry(tmp_path, HashEncoder())
+    ref = reg.artifacts.put_arrays({"g": np.ones(3, dtype=np.float32)})  # stored, no row yet
+    assert reg.gc() == [] and reg.artifacts.path(ref).exists()
+    old = reg.artifacts.path(ref)
+    os.utime(old, (1.0, 1.0))  # long ago
+    assert reg.artifacts.put_arrays({"g": np.ones(3, dtype=np.float32)}) == ref  # reused
+    assert reg.gc() == []
+    os.utime(old, (1.0, 1.0))
+    assert reg.gc() == [ref]
+
+
+def test_update_artifacts_checks_the_row_it_expects(tmp_path: Path) -> None:
+    reg = Registry(tmp_path, HashEncoder())
+    reg.register(remote_spec("a", ["one"]))
+    emb = reg.get("a").artifacts["embeddings"]
+    v = reg.version()
+    assert reg.store.update_artifacts("a", {"x": 1}, expect={"embeddings": "other"}) is None
+    assert reg.version() == v and "x" not in reg.get("a").artifacts
+    assert reg.store.update_artifacts("a", {"x": 1}, expect={"embeddings": emb}) == v + 1
+    assert reg.get("a").artifacts["x"] == 1 and reg.get("a").artifacts["embeddings"] == emb
+    assert reg.store.update_artifacts("gone", {"x": 1}) is None
 
 
 def test_bad_specs_are_rejected_and_registry_unchanged(tmp_path: Path) -> None:
@@ -97,9 +125,6 @@ def test_bad_specs_are_rejected_and_registry_unchanged(tmp_path: Path) -> None:
 
 
 def test_pilot_texts_are_the_examples_then_distinct_training_prompts() -> None:
-    from concilium.registry.registry import pilot_texts
-    from concilium.registry.specs import parse_spec
-
     train = [{"prompt": f"p{i % 5}", "completion": "x"} for i in range(20)] + [
         {"prompt": "a", "completion": "y"}
     ]
