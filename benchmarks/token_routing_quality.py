@@ -75,16 +75,27 @@ def load_queries(pack: Path, per_skill: int, dev: bool = False) -> list[dict[str
     return [r for s in sorted(by_skill) for r in by_skill[s]]
 
 
-def query_scores(pack: Path, queries: list[dict[str, str]]) -> list[dict[str, float]]:
-    """The query-level retriever's score of every candidate, per query (the global prior)."""
+def query_scores(
+    pack: Path, queries: list[dict[str, str]], dev: bool = False
+) -> list[dict[str, float]]:
+    """The query-level retriever's score of every candidate, per query (the global prior).
+
+    The registry's pilots include each adapter's training prompts; with ``--dev`` only the
+    ``train_examples[:32]`` are registered, so that no dev query is a pilot."""
     from concilium.config import load_config
-    from concilium.orchestrator.service import build_service, install_pack
+    from concilium.orchestrator.service import absolute_spec, build_service, load_manifest
 
     with tempfile.TemporaryDirectory() as home:
         routers = {"retriever": {"kind": "retriever"}}
-        cfg = load_config(None, home=Path(home), seed_embedder=False, routers=routers)
+        cfg = load_config(
+            None, home=Path(home), seed_embedder=False, routers=routers, train_gates=False
+        )
         svc = build_service(cfg, seed=False)
-        install_pack(svc.registry, pack, include_held_out=True)
+        m = load_manifest(pack)
+        for spec in [m["base"], *m["experts"]]:
+            if dev and spec.get("train_examples"):
+                spec = {**spec, "train_examples": spec["train_examples"][:DEV_SPLIT]}
+            svc.registry.register(absolute_spec(spec, pack))
         route = svc.orchestrator.route
         return [dict(route(q["query"], model="router-retriever").decision.scores) for q in queries]
 
@@ -187,7 +198,7 @@ def main() -> int:
     t0 = time.perf_counter()
     n, steps = (4, 30) if args.quick else (20, 100)
     queries = load_queries(args.pack, min(n, 16) if args.dev else n, args.dev)
-    scores = query_scores(args.pack, queries)
+    scores = query_scores(args.pack, queries, args.dev)
     model = AutoModelForCausalLM.from_pretrained(args.pack / "base", dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(args.pack / "base")
     protos, gates, secs = artifacts(model, tok, args.pack, steps, args.dev)

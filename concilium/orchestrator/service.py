@@ -200,7 +200,7 @@ def pack_expert(pack_dir: Path, name: str) -> dict[str, Any]:
     m = load_manifest(pack_dir)
     for spec in [m["base"], *m["experts"]]:
         if spec["name"] == name:
-            return _absolute(spec, Path(pack_dir))
+            return absolute_spec(spec, Path(pack_dir))
     raise ConfigError(f"the demo pack has no expert {name!r}")
 
 
@@ -210,11 +210,12 @@ def install_pack(
     """Register the pack's base model and its (default) adapters; existing names are skipped."""
     m = load_manifest(pack_dir)
     specs = [m["base"]] + [e for e in m["experts"] if include_held_out or e.get("default", True)]
-    out = [_add_once(registry, _absolute(s, Path(pack_dir))) for s in specs]
+    out = [_add_once(registry, absolute_spec(s, Path(pack_dir))) for s in specs]
     return [r for r in out if r is not None]
 
 
-def _absolute(spec: dict[str, Any], pack_dir: Path) -> dict[str, Any]:
+def absolute_spec(spec: dict[str, Any], pack_dir: Path) -> dict[str, Any]:
+    """A pack manifest spec ready to register: `path` made absolute, pack-only keys dropped."""
     s = {k: v for k, v in spec.items() if k != "default"}
     if "path" in s:
         s["path"] = str((pack_dir / s["path"]).absolute())
