@@ -16,6 +16,7 @@ from concilium.config import ServiceConfig
 from concilium.errors import ConfigError, Conflict
 from concilium.experts.base import ExpertBackend
 from concilium.orchestrator.pipeline import Orchestrator
+from concilium.orchestrator.registrar import LocalRegistrar, Registrar
 from concilium.outcomes.store import OutcomeStore
 from concilium.registry.index import TextEncoder
 from concilium.registry.registry import GateTrainer, Profiler, Registry, RegistryLimits
@@ -30,9 +31,10 @@ EMBEDDER_EXPERT = "minilm"
 @dataclass
 class Service:
     config: ServiceConfig
-    registry: Registry
+    registry: Registry  # reads (and, with the default registrar, writes) the shared store
     backend: ExpertBackend
     orchestrator: Orchestrator
+    registrar: Registrar  # who writes the registry for the HTTP API
 
 
 def limits_of(config: ServiceConfig) -> RegistryLimits:
@@ -106,7 +108,10 @@ def build_service(
     encoder: TextEncoder | None = None,
     backend: ExpertBackend | None = None,
     seed: bool = True,
+    registrar: Registrar | None = None,
 ) -> Service:
+    """The in-process service. `registrar` routes registry writes elsewhere (the Serve
+    RegistryService); by default this process writes the store itself."""
     if backend is None:
         from concilium.experts.pool import ExpertPool
 
@@ -136,7 +141,13 @@ def build_service(
     )
     if seed:
         seed_registry(registry, config)
-    return Service(config=config, registry=registry, backend=backend, orchestrator=orch)
+    return Service(
+        config=config,
+        registry=registry,
+        backend=backend,
+        orchestrator=orch,
+        registrar=registrar or LocalRegistrar(registry),
+    )
 
 
 def open_outcomes(config: ServiceConfig) -> OutcomeStore | None:
