@@ -18,27 +18,36 @@ from ray.serve import Application
 
 from concilium.config import ServiceConfig, load_config
 from concilium.deployments.gateway import Gateway
+from concilium.deployments.registry_service import RegistryService
 from concilium.deployments.topology import deployment_options, expert_deployment
 from concilium.registry.specs import ModelSpec
 
 
 def build_app(cfg: ServiceConfig) -> Application:
-    """Seed the registry, then one ExpertServer per local generative model plus the Gateway."""
+    """Seed the registry, then one ExpertServer per local generative model, the RegistryService
+    (the only writer of the registry, and the gate trainer) and the Gateway."""
     from concilium.orchestrator.service import build_service
 
     # replicas may not share the driver's working directory: pin every path now
     cfg = cfg.model_copy(
-        update={"home": cfg.home.absolute(), "pack": cfg.pack.absolute() if cfg.pack else None}
+        update={
+            "home": cfg.home.absolute(),
+            "pack": cfg.pack.absolute() if cfg.pack else None,
+            "embed_pack": cfg.embed_pack.absolute() if cfg.embed_pack else None,
+        }
     )
-    svc = build_service(cfg)  # seeds the registry (pack + embedder) in the driver
+    # seed the registry (packs + embedder) in the driver; the RegistryService trains the gates
+    svc = build_service(cfg.model_copy(update={"train_gates": False}))
     dep = cfg.deployment
     experts: dict[str, Any] = {
         rec.spec.name: expert_deployment(rec.spec.name, rec.spec.path, dep)
         for rec in svc.registry.list()
         if isinstance(rec.spec, ModelSpec) and rec.spec.task == "generate"
     }
+    config = cfg.model_dump(mode="json")
+    registry = RegistryService.bind(config)  # type: ignore[attr-defined]
     gateway = Gateway.options(**deployment_options(dep.gateway))  # type: ignore[attr-defined]
-    return gateway.bind(cfg.model_dump(mode="json"), experts)
+    return gateway.bind(config, experts, registry)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

@@ -130,13 +130,23 @@ class RayBackend:
 class Gateway:
     """OpenAI-compatible ingress. Reads the shared registry; never owns a model itself."""
 
-    def __init__(self, config: dict[str, Any], experts: dict[str, DeploymentHandle]) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        experts: dict[str, DeploymentHandle],
+        registry: DeploymentHandle | None = None,
+    ) -> None:
+        from concilium.deployments.registry_service import RayRegistrar
         from concilium.orchestrator.service import build_service
 
         cfg = ServiceConfig.model_validate(config)
         local = ExpertPool(max_adapters=cfg.max_adapters, batch_window_ms=cfg.batch_window_ms)
         self.backend = RayBackend(experts, local, cfg.deployment)
-        self.service = build_service(cfg, backend=self.backend, seed=False)
+        # writes go to the RegistryService, which alone trains gates; this replica only reads
+        registrar = RayRegistrar(registry) if registry is not None else None
+        if registrar is not None:
+            cfg = cfg.model_copy(update={"train_gates": False})
+        self.service = build_service(cfg, backend=self.backend, seed=False, registrar=registrar)
 
     def __serve_build_asgi_app__(self) -> Any:
         from concilium.orchestrator.http import create_app

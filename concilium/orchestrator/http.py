@@ -170,7 +170,7 @@ def _registry_routes(app: FastAPI, service: Service) -> None:
         except ValueError:
             raise E.InvalidInput("request body must be a JSON expert spec") from None
         t0 = time.perf_counter()
-        rec = await run_in_threadpool(registry.register, data)
+        rec = await service.registrar.register(data)
         orch.catalogs.invalidate()
         body = record_json(rec) | {"registration_ms": round((time.perf_counter() - t0) * 1e3, 1)}
         return JSONResponse(body, status_code=201)
@@ -189,7 +189,7 @@ def _registry_routes(app: FastAPI, service: Service) -> None:
 
     @app.delete("/v1/experts/{name}", dependencies=[Depends(admin)])
     async def delete_expert(name: str) -> dict[str, Any]:
-        version = await run_in_threadpool(registry.remove, name)
+        version = await service.registrar.remove(name)
         orch.catalogs.invalidate()
         return {"deleted": name, "version": version}
 

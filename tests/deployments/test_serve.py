@@ -159,6 +159,16 @@ def test_registration_reaches_every_gateway_replica_within_1s(
             seen.setdefault(h["instance"], time.perf_counter() - t0)
     assert len(seen) == 2, seen
     assert max(seen.values()) <= 1.0, seen
+    # the write went through the single RegistryService replica; its errors stay 4xx
+    assert replicas("concilium", "RegistryService") == 1
+    again = httpx.post(
+        f"{gateway}/v1/experts", json=pack_expert(pack_dir, held), timeout=120, headers=ADMIN
+    )
+    assert again.status_code == 409 and "already registered" in again.text, again.text
+    bad = httpx.post(
+        f"{gateway}/v1/experts", json={"kind": "plugin", "name": "x"}, timeout=60, headers=ADMIN
+    )
+    assert bad.status_code == 400 and "kind" in bad.text, bad.text
     query, answer = pilot_query(manifest, held)
     r = chat(gateway, query)
     assert r.json()["routing"]["expert"] == held

@@ -1,0 +1,84 @@
+"""RegistryService: the one Serve replica that writes the registry.
+
+Gateways forward `POST /v1/experts` and `DELETE /v1/experts/{name}` here (through `RayRegistrar`);
+this replica validates the spec, copies the files into the artifact store, embeds the pilots,
+profiles a new local model, inserts the row and bumps the registry version. It alone owns the
+background PHATGOOSE gate jobs: it resumes the gates a previous run left pending when it starts,
+and trains the gate of every lora registered through it. Readers (gateways, CLI) keep reading the
+shared SQLite store directly, so a write is visible everywhere as soon as the version moves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from ray import serve
+from ray.exceptions import RayTaskError
+from ray.serve.handle import DeploymentHandle
+
+from concilium.config import ServiceConfig
+from concilium.errors import ConciliumError
+from concilium.registry.store import ExpertRecord
+
+log = logging.getLogger(__name__)
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=16)
+class RegistryService:
+    """Owns registry writes and gate training; one replica per application."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        from concilium.experts.pool import ExpertPool
+        from concilium.orchestrator.service import open_registry, pool_profiler
+
+        cfg = ServiceConfig.model_validate(config)
+        self._pool = ExpertPool(max_adapters=1)  # only to measure a new local model's latency
+        self.registry = open_registry(cfg, profiler=pool_profiler(self._pool))
+        pending = self.registry.train_pending_gates()
+        if pending:
+            log.info("resuming PHATGOOSE gates of %s", pending)
+
+    async def register(self, data: Any) -> ExpertRecord:
+        return await asyncio.to_thread(self.registry.register, data)
+
+    async def remove(self, name: str) -> int:
+        return await asyncio.to_thread(self.registry.remove, name)
+
+    def version(self) -> int:
+        return self.registry.version()
+
+    def pending_gates(self) -> list[str]:
+        """Experts whose gate training is queued or running (operators, tests)."""
+        return self.registry.jobs.pending()
+
+    def check_health(self) -> None:
+        self.registry.version()  # the store is readable
+
+
+class RayRegistrar:
+    """The gateway's `Registrar` on Serve: every write goes to the RegistryService replica."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self.handle = handle
+
+    async def register(self, data: Any) -> ExpertRecord:
+        try:
+            rec: ExpertRecord = await self.handle.register.remote(data)
+        except RayTaskError as e:
+            raise _cause(e) from None
+        return rec
+
+    async def remove(self, name: str) -> int:
+        try:
+            version: int = await self.handle.remove.remote(name)
+        except RayTaskError as e:
+            raise _cause(e) from None
+        return version
+
+
+def _cause(e: RayTaskError) -> BaseException:
+    """The ConciliumError the RegistryService raised (a 4xx for the caller), else the Ray error."""
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, ConciliumError) else e
