@@ -18,7 +18,9 @@ def run_local(
     from concilium.orchestrator.http import create_app
     from concilium.orchestrator.service import build_service
 
-    app = create_app(build_service(cfg))
+    svc = build_service(cfg)
+    svc.registry.train_pending_gates()  # gates a previous run left unfinished
+    app = create_app(svc)
     server = uvicorn.Server(
         uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
     )
