@@ -76,6 +76,12 @@ class ScalingConfig(BaseModel):
     downscale_delay_s: float = Field(
         default=30.0, ge=0, description="Idle time before a replica is removed."
     )
+    downscale_to_zero_delay_s: float | None = Field(
+        default=None, ge=0, description="Idle time before the last replica goes (min_replicas 0)."
+    )
+    look_back_period_s: float | None = Field(
+        default=None, gt=0, description="Window the ongoing-request average is taken over (30 s)."
+    )
     max_ongoing_requests: int = Field(default=64, ge=1, description="Concurrency per replica.")
     max_queued_requests: int = Field(
         default=256, ge=-1, description="Queued requests per caller before 503 (-1: unbounded)."
@@ -90,6 +96,7 @@ class ScalingConfig(BaseModel):
     def autoscaling(self) -> dict[str, Any]:
         keys: tuple[str, ...] = ("min_replicas", "max_replicas", "initial_replicas")
         keys += ("target_ongoing_requests", "upscale_delay_s", "downscale_delay_s")
+        keys += ("downscale_to_zero_delay_s", "look_back_period_s")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 

@@ -40,7 +40,7 @@ def build_app(cfg: ServiceConfig) -> Application:
     svc = build_service(cfg.model_copy(update={"train_gates": False}))
     dep = cfg.deployment
     experts: dict[str, Any] = {
-        rec.spec.name: expert_deployment(rec.spec.name, rec.spec.path, dep)
+        rec.spec.name: expert_deployment(rec.spec.name, rec.spec.path, dep, str(cfg.home))
         for rec in svc.registry.list()
         if isinstance(rec.spec, ModelSpec) and rec.spec.task == "generate"
     }

@@ -9,6 +9,9 @@
   batch by ``multiplexed_model_id`` and runs the sub-batches concurrently; a `MicroBatcher` with a
   1 ms window joins them back into one mixed-adapter forward.)
 * Streams decode on their own and yield text as it settles; a client that goes away cancels them.
+* `DELETE` of an adapter drains: every WATCH_S a replica checks the registry version and unloads
+  the adapters of its base that are gone (or were re-registered with other weights) once their
+  in-flight requests end; a request naming other weights than the resident ones reloads them.
 * A request with ``params.token_routing`` is a per-token mixture of adapters: every candidate is
   acquired through the same multiplexed LRU (and held until the request ends), then it joins the
   batches like any other row.
@@ -17,6 +20,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
@@ -33,6 +37,7 @@ from concilium.experts.pool import needed_adapters, stream_local
 
 log = logging.getLogger(__name__)
 MERGE_WINDOW_S = 0.001  # Serve's per-adapter sub-batches start within this of each other
+WATCH_S = 0.5  # how often a replica checks the registry version for deleted adapters
 
 
 class _Resident:
@@ -55,11 +60,18 @@ class ExpertServer:
         max_adapters: int = 8,
         max_batch: int = 16,
         batch_wait_ms: float = 2.0,
+        registry_home: str | None = None,
     ) -> None:
         # the model's own LRU is a safety net: Serve's multiplexing LRU is the real cap
         self.lm = LocalCausalLM(Path(model_path), max_adapters=2 * max_adapters + 8)
         self.model_path = model_path
-        self._paths: dict[str, str] = {}
+        ctx = serve.get_replica_context()
+        self._replica_id = ctx.replica_id.unique_id
+        self.name = ctx.deployment.removeprefix("expert-")
+        self._paths: dict[str, str] = {}  # adapter -> the dir its latest request named
+        self._loaded: dict[str, str] = {}  # adapter -> the dir resident in the model
+        self._home = registry_home
+        self._watcher: asyncio.Task[None] | None = None
         self._inflight: Counter[str] = Counter()
         self._unload_when_idle: set[str] = set()
         self.stats: Counter[str] = Counter()
@@ -87,33 +99,91 @@ class ExpertServer:
             raise ExpertFailed(f"adapter {name!r}: no path was sent with the request")
         self._unload_when_idle.discard(name)
         await asyncio.to_thread(self.lm.ensure_adapter, name, path)
+        self._loaded[name] = path
         self.stats["adapter_loads"] += 1
         return _Resident(self, name)
 
+    def _unload(self, name: str) -> None:
+        self.lm.unload_adapter(name)
+        self._loaded.pop(name, None)
+
+    def _reload(self, name: str, path: str) -> None:
+        """Load `path` under `name` when the model holds other weights under it, or none."""
+        self._unload(name)
+        self.lm.ensure_adapter(name, path)
+        self._loaded[name] = path
+        self.stats["adapter_loads"] += 1
+
     def _evicted(self, name: str) -> None:
         self.stats["adapter_evictions"] += 1
+        self._retire(name)
+
+    def _retire(self, name: str) -> None:
+        """Unload now, or, while requests still use it, when the last of them ends (drain)."""
         if self._inflight[name]:
-            self._unload_when_idle.add(name)  # drain: the last request out unloads it
+            self._unload_when_idle.add(name)
         else:
-            self.lm.unload_adapter(name)
+            self._unload(name)
 
     async def _acquire(self, held: list[str], target: Target, params: GenParams) -> None:
         """Load the request's adapters (a mixture: all its candidates); `held` lists those to
         release, filled before any load so that a failed load releases them all."""
+        self._watch_registry()
         needed = needed_adapters(target, params)
         for name, path in needed:
             self._paths[name] = path
             self._inflight[name] += 1
             held.append(name)
-        for name, _ in needed:
-            await self._adapter(name)
+        for name, path in needed:
+            await self._adapter(name)  # Serve's LRU: loads on a miss
+            if self._loaded.get(name) != path or name not in self.lm.adapters:
+                # re-registered under the same name (new weights), or dropped after a delete
+                self._unload_when_idle.discard(name)
+                await asyncio.to_thread(self._reload, name, path)
 
     def _release(self, held: list[str]) -> None:
         for a in held:
             self._inflight[a] -= 1
             if not self._inflight[a] and a in self._unload_when_idle:
                 self._unload_when_idle.discard(a)
-                self.lm.unload_adapter(a)
+                self._unload(a)
+
+    # -- deletions -------------------------------------------------------------------------
+    def _watch_registry(self) -> None:
+        if self._home is not None and self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch(self._home))
+
+    async def _watch(self, home: str) -> None:
+        """Every WATCH_S, when the registry version moved: unload the adapters of this base that
+        are no longer registered (or were re-registered with other weights), after their
+        in-flight requests end."""
+        from concilium.registry.store import RegistryStore
+
+        store = RegistryStore(Path(home) / "registry.sqlite")
+        seen: int | None = None
+        while True:
+            await asyncio.sleep(WATCH_S)
+            try:
+                version = await asyncio.to_thread(store.version)
+                if version == seen:
+                    continue
+                live = await asyncio.to_thread(self._registered, store)
+                seen = version
+            except Exception as e:  # the store is shared; a busy moment is retried next tick
+                log.warning("registry watch of %s failed: %s", self.name, e)
+                continue
+            for name, path in list(self._loaded.items()):
+                if live.get(name) != Path(path).name:
+                    self.stats["adapter_unregistered"] += 1
+                    self._retire(name)
+
+    def _registered(self, store: Any) -> dict[str, str]:
+        """lora name -> artifact ref, for the registered adapters of this base."""
+        return {
+            r.name: str(r.artifacts.get("adapter"))
+            for r in store.list()
+            if r.spec.kind == "lora" and getattr(r.spec, "base", None) == self.name
+        }
 
     # -- requests ----------------------------------------------------------------------------
     async def chat(
@@ -123,7 +193,7 @@ class ExpertServer:
         try:
             await self._acquire(held, target, params)
             gen: Generation = await self._batch(GenRequest(list(messages), params, target.adapter))
-            return gen
+            return self._stamped(gen)
         except asyncio.CancelledError:
             self.stats["cancelled"] += 1
             raise
@@ -158,12 +228,18 @@ class ExpertServer:
             async for item in stream_local(
                 self.lm, GenRequest(list(messages), params, target.adapter)
             ):
-                yield item
+                yield self._stamped(item) if isinstance(item, Generation) else item
         except asyncio.CancelledError:
             self.stats["cancelled"] += 1
             raise
         finally:
             self._release(held)
+
+    def _stamped(self, gen: Generation) -> Generation:
+        """The generation with this replica's counters attached (the gateway's /metrics)."""
+        return dataclasses.replace(
+            gen, replica={"id": self._replica_id, "model": self.name, "stats": dict(self.stats)}
+        )
 
     # -- introspection (tests, operators) ----------------------------------------------------
     def info(self) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -47,10 +48,13 @@ class RayBackend:
         local: ExpertPool,
         deployment: DeploymentConfig,
         retries: int = 1,
+        home: str | None = None,
     ) -> None:
         self.handles = dict(handles)  # model expert name -> ExpertServer handle
         self.local, self.deployment, self.retries = local, deployment, retries
-        self.retried = 0
+        self.home = home  # the registry data dir, for late ExpertServers to watch
+        self.retried: Counter[str] = Counter()  # per model: requests retried after a replica died
+        self._replicas: dict[str, tuple[str, dict[str, float]]] = {}  # id -> (model, counters)
         self._deploying: dict[str, asyncio.Task[DeploymentHandle]] = {}
 
     def model(self, path: Any) -> Any:  # the registration-time latency profiler loads here
@@ -66,7 +70,7 @@ class RayBackend:
             task = self._deploying.get(name)
             if task is None:
                 task = asyncio.ensure_future(
-                    asyncio.to_thread(deploy_expert_app, name, path, self.deployment)
+                    asyncio.to_thread(deploy_expert_app, name, path, self.deployment, self.home)
                 )
                 self._deploying[name] = task
             self.handles[name] = await asyncio.shield(task)
@@ -82,6 +86,7 @@ class RayBackend:
             response = handle.chat.remote(target, list(messages), params)
             try:
                 gen: Generation = await response
+                self._heard(gen)
                 return gen
             except asyncio.CancelledError:  # deadline or client gone: stop the replica's work
                 response.cancel()
@@ -91,7 +96,7 @@ class RayBackend:
             except RayActorError as e:
                 if attempt == self.retries:
                     raise ExpertUnavailable(f"expert {target.expert!r}: replica died ({e})") from e
-                self.retried += 1
+                self.retried[target.model or target.expert] += 1
                 log.warning("replica of %s died mid-request; retrying once", target.expert)
             except RayTaskError as e:
                 raise _unwrap(e) from None
@@ -108,6 +113,8 @@ class RayBackend:
         stream: Any = handle.options(stream=True).chat_stream.remote(target, list(messages), params)
         try:
             async for item in stream:
+                if isinstance(item, Generation):
+                    self._heard(item)
                 yield item
         except BackPressureError as e:
             raise _overloaded(target, e) from None
@@ -120,6 +127,24 @@ class RayBackend:
 
     async def embed(self, target: Target, texts: Sequence[str]) -> list[list[float]]:
         return await self.local.embed(target, texts)
+
+    def _heard(self, gen: Generation) -> None:
+        """Keep the latest counters of the replica that ran `gen` (monotonic per replica)."""
+        if gen.replica is not None:
+            self._replicas[str(gen.replica["id"])] = (
+                str(gen.replica["model"]),
+                dict(gen.replica["stats"]),
+            )
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        """{model: {event: count}}: replica counters summed over every replica heard from (one
+        that went away keeps its last values), plus this gateway replica's retries."""
+        out: dict[str, Counter[str]] = {}
+        for model, counters in self._replicas.values():
+            out.setdefault(model, Counter()).update(counters)
+        for model, n in self.retried.items():
+            out.setdefault(model, Counter())["retries"] += n
+        return {m: {k: float(v) for k, v in c.items()} for m, c in out.items()}
 
     async def aclose(self) -> None:
         await self.local.aclose()
@@ -141,7 +166,7 @@ class Gateway:
 
         cfg = ServiceConfig.model_validate(config)
         local = ExpertPool(max_adapters=cfg.max_adapters, batch_window_ms=cfg.batch_window_ms)
-        self.backend = RayBackend(experts, local, cfg.deployment)
+        self.backend = RayBackend(experts, local, cfg.deployment, home=str(cfg.home))
         # writes go to the RegistryService, which alone trains gates; this replica only reads
         registrar = RayRegistrar(registry) if registry is not None else None
         if registrar is not None:

@@ -30,12 +30,15 @@ def deployment_options(s: ScalingConfig) -> dict[str, Any]:
     }
 
 
-def expert_deployment(name: str, model_path: str, dep: DeploymentConfig) -> Any:
-    """A bound ExpertServer for model expert `name` (scaling from the YAML, per expert)."""
+def expert_deployment(
+    name: str, model_path: str, dep: DeploymentConfig, home: str | None = None
+) -> Any:
+    """A bound ExpertServer for model expert `name` (scaling from the YAML, per expert); `home`
+    is the registry data dir its replicas watch for deleted adapters."""
     s: ExpertScalingConfig = dep.expert(name)
     return ExpertServer.options(  # type: ignore[attr-defined]
         name=f"expert-{name}", **deployment_options(s)
-    ).bind(model_path, s.max_adapters, s.max_batch, s.batch_wait_ms)
+    ).bind(model_path, s.max_adapters, s.max_batch, s.batch_wait_ms, home)
 
 
 def app_name_for(name: str) -> str:
@@ -44,12 +47,14 @@ def app_name_for(name: str) -> str:
     return f"expert-{name[:40]}-{digest}"
 
 
-def deploy_expert_app(name: str, model_path: str, dep: DeploymentConfig) -> DeploymentHandle:
+def deploy_expert_app(
+    name: str, model_path: str, dep: DeploymentConfig, home: str | None = None
+) -> DeploymentHandle:
     """Start (or find) the application of a late-registered model expert; blocks until ready."""
     app = app_name_for(name)
     try:
         return serve.get_deployment_handle(f"expert-{name}", app_name=app)
     except Exception:  # not deployed yet (Serve raises a plain exception type here)
         log.info("starting ExpertServer application %s for %s", app, model_path)
-    serve.run(expert_deployment(name, model_path, dep), name=app, route_prefix=None)
+    serve.run(expert_deployment(name, model_path, dep, home), name=app, route_prefix=None)
     return serve.get_deployment_handle(f"expert-{name}", app_name=app)

@@ -55,6 +55,9 @@ class Generation:
     mean_logprob: float | None = None
     # mixtures only: {"router", "top_k", "adapter_shares": {name: share}, "mean_entropy", "tokens"}
     routing_summary: dict[str, Any] | None = None
+    # Serve replicas only: {"id", "model", "stats": {counter: value}} of the replica that ran it,
+    # so the gateway's /metrics can sum adapter loads/evictions over every replica it has heard of
+    replica: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,3 +98,9 @@ class ExpertBackend(Protocol):
     async def embed(self, target: Target, texts: Sequence[str]) -> list[list[float]]: ...
 
     async def aclose(self) -> None: ...
+
+
+def backend_stats(backend: object) -> dict[str, dict[str, float]]:
+    """A backend's serving counters, {model: {event: count}} (empty when it keeps none)."""
+    stats = getattr(backend, "stats", None)
+    return dict(stats()) if callable(stats) else {}

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from concilium import errors as E
+from concilium.experts.base import backend_stats
 from concilium.orchestrator.metrics import Metrics
 from concilium.orchestrator.schemas import (
     ChatCompletionRequest,
@@ -232,6 +233,7 @@ class _RequestMetrics:
 
 def _install_metrics(app: FastAPI, service: Service) -> None:
     app.state.metrics = metrics = Metrics()
+    metrics.watch_backend(lambda: backend_stats(service.backend))
     app.add_middleware(_RequestMetrics, metrics=metrics)
 
     @app.get("/metrics")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -73,6 +75,12 @@ class Metrics:
             "concilium_registry_version", "Registry version seen.", registry=r
         )
 
+    def watch_backend(self, stats: Callable[[], Mapping[str, Mapping[str, float]]]) -> None:
+        """Export the expert backend's own counters ({model: {event: n}}, read at scrape time):
+        on Serve, adapter loads/evictions and mixed-adapter batches summed over the replicas, and
+        the gateway's retries of requests whose replica died."""
+        self.registry.register(_BackendCollector(stats))
+
     def observe_routing(self, routing: Mapping[str, Any]) -> None:
         self.decisions.labels(routing["router"], routing["expert"]).inc()
         self.cost.labels(routing["expert"]).inc(float(routing["cost"]))
@@ -98,3 +106,25 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _BackendCollector(Collector):
+    """`concilium_expert_events_total{model, event}` from a backend's counters."""
+
+    def __init__(self, stats: Callable[[], Mapping[str, Mapping[str, float]]]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        fam = CounterMetricFamily(
+            "concilium_expert_events",
+            "Serving events per model: adapter_loads, adapter_evictions, batches, "
+            "mixed_adapter_batches, cancelled (summed over replicas), retries (replica died).",
+            labels=["model", "event"],
+        )
+        for model, events in sorted(self.stats().items()):
+            for event, n in sorted(events.items()):
+                fam.add_metric([model, event], float(n))
+        yield fam
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())

@@ -3,7 +3,8 @@
 Covers the serving issue's acceptance: the openai client (chat, streaming, embeddings, models),
 registration seen by every gateway replica within 1 s, a late `model` expert getting its own
 deployment, per-expert autoscaling, a replica killed under 200 concurrent requests, backpressure,
-deadlines cancelling downstream work, and adapter LRU eviction/reload.
+deadlines cancelling downstream work, adapter LRU eviction/reload (and its counters in /metrics),
+registry writes through the RegistryService, DELETE draining before the unload, scale to zero.
 """
 
 from __future__ import annotations
@@ -42,6 +43,13 @@ def _deployment_config() -> dict[str, Any]:
         "experts": {
             "demo-moe": {"target_ongoing_requests": 2},
             LATE: {"max_replicas": 1, "max_ongoing_requests": 1, "max_queued_requests": 1},
+            "demo-moe-cold": {
+                "min_replicas": 0,
+                "max_replicas": 1,
+                "look_back_period_s": 1,
+                "downscale_delay_s": 1,
+                "downscale_to_zero_delay_s": 1,
+            },
         },
     }
 
@@ -239,6 +247,23 @@ def test_adapters_beyond_the_lru_cap_are_evicted_and_reloaded(
     infos = expert_infos("concilium", "expert-demo-moe")
     assert all(len(i["adapters"]) <= 3 for i in infos.values())
     assert sum(i["stats"].get("adapter_evictions", 0) for i in infos.values()) >= 2
+    # the replicas' counters reach the gateway's Prometheus endpoint (either gateway replica)
+    for _ in range(4):
+        text = httpx.get(f"{gateway}/metrics", timeout=10).text
+        loads = _metric(
+            text, 'concilium_expert_events_total{event="adapter_loads",model="demo-moe"}'
+        )
+        evictions = _metric(
+            text, 'concilium_expert_events_total{event="adapter_evictions",model="demo-moe"}'
+        )
+        assert loads >= 5 and evictions >= 1, (loads, evictions)
+
+
+def _metric(text: str, series: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(series):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def test_concurrent_requests_for_different_adapters_share_one_forward(
@@ -303,3 +328,48 @@ def test_burst_scales_one_expert_and_a_killed_replica_loses_nothing(
     assert scaled == [2]  # the burst scaled demo-moe up
     assert replicas(app_name_for(LATE), f"expert-{LATE}") == 1  # the other expert left alone
     assert codes.count(200) == 200, {c: codes.count(c) for c in set(codes)}
+
+
+def test_delete_drains_in_flight_requests_then_unloads(
+    gateway: str, manifest: dict[str, Any]
+) -> None:
+    skill = next(e["name"] for e in manifest["experts"] if e["default"])
+    query, _ = pilot_query(manifest, skill)
+    assert chat(gateway, query, model=f"demo-moe:{skill}").status_code == 200  # resident
+
+    def slow() -> httpx.Response:
+        return chat(gateway, query, model=f"demo-moe:{skill}", max_tokens=400, min_tokens=400)
+
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(slow)
+        time.sleep(0.5)  # the request is decoding on a replica
+        r = httpx.delete(f"{gateway}/v1/experts/{skill}", headers=ADMIN, timeout=60)
+        assert r.status_code == 200, r.text
+        done = pending.result(timeout=180)
+    assert done.status_code == 200, done.text  # drained, not cut off
+    deadline = time.perf_counter() + 10
+    while time.perf_counter() < deadline:
+        infos = expert_infos("concilium", "expert-demo-moe")
+        if all(skill not in i["adapters"] for i in infos.values()):
+            break
+        time.sleep(0.5)
+    assert all(skill not in i["adapters"] for i in infos.values()), infos
+    assert chat(gateway, query, model=f"demo-moe:{skill}").status_code == 404
+
+
+def test_a_cold_expert_scales_to_zero_and_back(gateway: str, pack_dir: Path) -> None:
+    from concilium.deployments.topology import app_name_for
+
+    name = "demo-moe-cold"  # deployment.experts sets min_replicas 0 for it
+    spec = {"kind": "model", "name": name, "path": str(pack_dir / "base"), "examples": ["hey"]}
+    r = httpx.post(f"{gateway}/v1/experts", json=spec, timeout=120, headers=ADMIN)
+    assert r.status_code == 201, r.text
+    assert chat(gateway, "hello", model=name, max_tokens=2).status_code == 200
+    app, dep = app_name_for(name), f"expert-{name}"
+    deadline = time.perf_counter() + 30
+    while replicas(app, dep) > 0 and time.perf_counter() < deadline:
+        time.sleep(0.5)
+    assert replicas(app, dep) == 0
+    r = chat(gateway, "hello", model=name, max_tokens=2)  # wakes it
+    assert r.status_code == 200, r.text
+    assert replicas(app, dep) >= 1
