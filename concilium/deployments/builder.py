@@ -76,9 +76,11 @@ def run_serve(
         if announce is not None:
             announce(cfg)
         stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C even where SIGINT came in ignored
+            signal.signal(sig, lambda *_: stop.set())
         with contextlib.suppress(KeyboardInterrupt):
-            stop.wait()
+            while not stop.wait(0.5):
+                pass
     finally:
         serve.shutdown()
         ray.shutdown()
