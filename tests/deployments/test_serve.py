@@ -287,6 +287,35 @@ def test_concurrent_requests_for_different_adapters_share_one_forward(
     assert mixed() > before
 
 
+def test_token_level_mixtures_run_on_the_expert_server_beside_single_adapter_rows(
+    gateway: str, manifest: dict[str, Any]
+) -> None:
+    skills = [e["name"] for e in manifest["experts"] if e["default"]][:3]  # within the LRU cap
+    q0, a0 = pilot_query(manifest, skills[0])
+    one = {"token_routing": {"router": "arrow", "top_k": 1, "candidates": 1}}
+    mix = {"token_routing": {"router": "arrow", "top_k": 2, "candidates": 3}}
+    asks = [(q0, "demo-moe:mixture", one)] * 3 + [(q0, "auto", mix)] * 3
+    asks += [(*pilot_query(manifest, s)[:1], f"demo-moe:{s}", None) for s in skills]
+
+    def ask(a: tuple[str, str, Any]) -> httpx.Response:
+        q, model, routing = a
+        return chat(gateway, q, model=model, **({"routing": routing} if routing else {}))
+
+    with ThreadPoolExecutor(len(asks)) as pool:
+        rs = list(pool.map(ask, asks))
+    assert all(r.status_code == 200 for r in rs), [r.text for r in rs if r.status_code != 200]
+    for r, (*_, routing) in zip(rs, asks, strict=True):
+        body = r.json()
+        if routing is None:
+            assert "token_routing" not in body["routing"]
+            continue
+        tr = body["routing"]["token_routing"]
+        assert tr["router"] == "arrow" and abs(sum(tr["adapter_shares"].values()) - 1) < 1e-3
+        if routing is one:  # one candidate: exactly the routed adapter
+            assert body["routing"]["expert"] == skills[0]
+            assert body["choices"][0]["message"]["content"] == a0
+
+
 def test_burst_scales_one_expert_and_a_killed_replica_loses_nothing(
     gateway: str, manifest: dict[str, Any]
 ) -> None:
