@@ -6,7 +6,9 @@ uniform merge, Arrow (prototypes from the adapters, no training), PHATGOOSE (gat
 per adapter on its own train examples, adapter frozen), PHATGOOSE + global prior (candidates and
 bias from the query-level retriever's decision) and the oracle (the true skill's adapter only).
 Arrow and the uniform merge are also run under the same prior, so that every router is compared
-with the uniform merge both with and without the query-level decision.
+with the uniform merge both with and without the query-level decision. A second section asks for
+two skills in one answer (e.g. reverse, then upper-case): every single adapter, the token routers,
+the mixture restricted to the right pair, and a two-call pipeline as the reference.
 
     python benchmarks/token_routing_quality.py [--quick] [--pack demo_pack] [--prior-weight W]
     python benchmarks/token_routing_quality.py --dev    # tuning split: never the held-out queries
@@ -39,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 from concilium.experts.moe.lora_gates import arrow_prototypes, train_phatgoose_gate  # noqa: E402
 from concilium.experts.moe.lora_patch import patch_lora_mixture  # noqa: E402
 from concilium.pack.evaluate import generate_prompts  # noqa: E402
+from concilium.pack.tasks import skill_by_name, split_query  # noqa: E402
 from concilium.pack.tokenizer import format_prompt  # noqa: E402
 from concilium.routers.token import TokenPrior, build_token_router, prior_from_scores  # noqa: E402
 
@@ -179,7 +182,197 @@ def report(acc: dict[str, dict[str, float]], head: str) -> list[str]:
         u = "uniform+prior" if r.endswith("+prior") else "uniform"
         ok = "PASS" if mean[r] > mean[u] else "FAIL"
         lines.append(f"TARGET {r}_above_{u}: {mean[r]:.3f} vs {mean[u]:.3f} (goal >) {ok}")
-    lines.append("(two-skill prompts: not measured in this version)")
+    return lines
+
+
+# Two skills in one answer: (first, then, instruction wordings). The wordings name both steps and
+# are none of the pack's templates; payloads are the first skill's held-out payloads.
+PAIRS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    (
+        "reverse",
+        "uppercase",
+        ("Reverse this word and then put it in capital letters", "Write it backwards in uppercase"),
+    ),
+    (
+        "reverse",
+        "double-letters",
+        ("Reverse the word, then double every letter", "Spell it backwards with each letter twice"),
+    ),
+    (
+        "remove-vowels",
+        "uppercase",
+        ("Drop the vowels and then capitalise everything", "Delete every vowel, then uppercase it"),
+    ),
+    (
+        "caesar",
+        "reverse",
+        (
+            "Apply a Caesar shift of three, then reverse it",
+            "Encrypt with Caesar +3 and write it backwards",
+        ),
+    ),
+)
+TWO_SKILL_ROWS = ("single A", "single B", "best single (of 12)", "uniform", "arrow", "phatgoose")
+TWO_SKILL_ROWS += ("phatgoose+prior", "pair mixture (phatgoose)", "pair mixture (uniform)")
+TWO_SKILL_ROWS += ("pipeline A then B (two calls)",)
+
+
+def two_skill_queries(pack: Path, per_pair: int) -> list[dict[str, str]]:
+    rows = [json.loads(x) for x in (pack / "heldout.jsonl").read_text().splitlines() if x]
+    out = []
+    for a, b, wordings in PAIRS:
+        payloads = [split_query(r["query"])[1] for r in rows if r["skill"] == a][:per_pair]
+        sa, sb = skill_by_name(a), skill_by_name(b)
+        for i, p in enumerate(payloads):
+            q = f"{wordings[i % len(wordings)]}: {p}"
+            out.append(
+                {
+                    "pair": f"{a} → {b}",
+                    "a": a,
+                    "b": b,
+                    "query": q,
+                    "payload": p,
+                    "answer": sb.solve(sa.solve(p)),
+                }
+            )
+    return out
+
+
+def mixture_answers(
+    model: Any, ctx: dict[str, Any], kind: str, prompts: list[str], priors: list[Any], max_new: int
+) -> list[str]:
+    """Greedy answers with every adapter patched in as a `kind` token mixture, per-row priors."""
+    skills = ctx["skills"]
+    handle = patch_lora_mixture(model, ctx["dirs"], router_for(kind, skills, *ctx["vectors"]))
+    out: list[str] = []
+    try:
+        for s in range(0, len(prompts), 48):
+            ps = priors[s : s + 48]
+            if any(p is not None for p in ps):
+                full = TokenPrior(torch.ones(len(skills), dtype=torch.bool))
+                ps = [p or full for p in ps]
+                bias = [p.bias if p.bias is not None else torch.zeros(len(skills)) for p in ps]
+                handle.prior = TokenPrior(torch.stack([p.allowed for p in ps]), torch.stack(bias))
+            else:
+                handle.prior = None
+            out += generate_prompts(model, prompts[s : s + 48], max_new)
+    finally:
+        handle.remove()
+    return out
+
+
+def two_skill_report(model: Any, ctx: dict[str, Any], pack: Path, per_pair: int) -> list[str]:
+    """Exact match on two-skill queries, per pair, for single adapters, routers and references."""
+    qs = two_skill_queries(pack, per_pair)
+    skills = ctx["skills"]
+    prompts = [format_prompt(q["query"]) for q in qs]
+    max_new = max(len(q["answer"]) for q in qs) + 4
+    none: list[Any] = [None] * len(qs)
+
+    def only(names: list[str]) -> Any:
+        return prior_from_scores(skills, dict.fromkeys(names, 1.0), top_m=len(names))
+
+    single = {
+        s: mixture_answers(model, ctx, "uniform", prompts, [only([s])] * len(qs), max_new)
+        for s in skills
+    }
+    scores = query_scores(pack, qs)
+    w = ctx["prior_weight"]
+    scaled = [{k: v / 0.05 for k, v in sc.items()} for sc in scores]
+    preds: dict[str, list[str]] = {
+        "single A": [single[q["a"]][i] for i, q in enumerate(qs)],
+        "single B": [single[q["b"]][i] for i, q in enumerate(qs)],
+        "uniform": mixture_answers(model, ctx, "uniform", prompts, none, max_new),
+        "arrow": mixture_answers(model, ctx, "arrow", prompts, none, max_new),
+        "phatgoose": mixture_answers(model, ctx, "phatgoose", prompts, none, max_new),
+        "phatgoose+prior": mixture_answers(
+            model,
+            ctx,
+            "phatgoose",
+            prompts,
+            [prior_from_scores(skills, sc, top_m=3, weight=w) for sc in scaled],
+            max_new,
+        ),
+        "pair mixture (phatgoose)": mixture_answers(
+            model, ctx, "phatgoose", prompts, [only([q["a"], q["b"]]) for q in qs], max_new
+        ),
+        "pair mixture (uniform)": mixture_answers(
+            model, ctx, "uniform", prompts, [only([q["a"], q["b"]]) for q in qs], max_new
+        ),
+    }
+    # the two-call pipeline: adapter A on A's pilot phrasing, then adapter B on A's answer
+    pilots = {
+        e["name"]: split_query(e["examples"][0])[0]
+        for e in json.loads((pack / "manifest.json").read_text())["experts"]
+    }
+    step1 = [format_prompt(f"{pilots[q['a']]}: {q['payload']}") for q in qs]
+    mids = mixture_answers(model, ctx, "uniform", step1, [only([q["a"]]) for q in qs], max_new)
+    step2 = [format_prompt(f"{pilots[q['b']]}: {m}") for q, m in zip(qs, mids, strict=True)]
+    preds["pipeline A then B (two calls)"] = mixture_answers(
+        model, ctx, "uniform", step2, [only([q["b"]]) for q in qs], max_new
+    )
+    pairs = list(dict.fromkeys(q["pair"] for q in qs))
+
+    def acc(pred: list[str], pair: str) -> float:
+        hits = [p == q["answer"] for p, q in zip(pred, qs, strict=True) if q["pair"] == pair]
+        return sum(hits) / len(hits)
+
+    best = {pair: max(acc(single[s], pair) for s in skills) for pair in pairs}
+    lines = [
+        "",
+        "## Two skills in one answer",
+        "",
+        f"{len(qs)} queries ({per_pair} per pair), each naming two steps in one instruction "
+        "(wordings not among the pack's templates; payloads from the first skill's held-out "
+        "queries); exact match of the composed answer. Every adapter was trained on one skill. "
+        "Single adapters and the pair mixtures are the same MoE-LoRA layers with the token "
+        "router's candidates restricted; the pipeline is two calls (A on A's pilot phrasing, "
+        "then B on A's answer) — a reference, not a mixture.",
+        "",
+        "| configuration | " + " | ".join(pairs) + " | mean |",
+        "|---" * (len(pairs) + 2) + "|",
+    ]
+    means: dict[str, float] = {}
+    for row in TWO_SKILL_ROWS:
+        vals = (
+            [best[p] for p in pairs]
+            if row.startswith("best")
+            else [acc(preds[row], p) for p in pairs]
+        )
+        means[row] = sum(vals) / len(vals)
+        lines.append(
+            f"| {row} | " + " | ".join(f"{v:.2f}" for v in vals) + f" | {means[row]:.3f} |"
+        )
+    partial = [
+        q
+        | {
+            "only_a": skill_by_name(q["a"]).solve(q["payload"]),
+            "only_b": skill_by_name(q["b"]).solve(q["payload"]),
+        }
+        for q in qs
+    ]
+    lines += [
+        "",
+        "What the answers did instead (share of all two-skill queries): only the first step, "
+        "only the second step, both (exact).",
+        "",
+        "| configuration | only A | only B | both |",
+        "|---|---|---|---|",
+    ]
+    for row in (r for r in TWO_SKILL_ROWS if not r.startswith("best")):
+        n = len(qs)
+        a = sum(p == q["only_a"] for p, q in zip(preds[row], partial, strict=True)) / n
+        b = sum(p == q["only_b"] for p, q in zip(preds[row], partial, strict=True)) / n
+        both = sum(p == q["answer"] for p, q in zip(preds[row], partial, strict=True)) / n
+        lines.append(f"| {row} | {a:.2f} | {b:.2f} | {both:.2f} |")
+    mixtures = ("uniform", "arrow", "phatgoose", "phatgoose+prior", "pair mixture (phatgoose)")
+    best_mix = max(mixtures, key=lambda r: means[r])
+    lines += [
+        "",
+        f"REPORT two_skill: best token mixture {best_mix} {means[best_mix]:.3f} vs best single "
+        f"adapter {means['best single (of 12)']:.3f} vs two-call pipeline "
+        f"{means['pipeline A then B (two calls)']:.3f} (mean exact match over {len(pairs)} pairs)",
+    ]
     return lines
 
 
@@ -226,6 +419,9 @@ def main() -> int:
         f"Wall time {time.perf_counter() - t0:.0f} s."
     )
     lines = report(acc, head)
+    t1 = time.perf_counter()
+    lines += two_skill_report(model, ctx, args.pack, 3 if args.quick else 12)
+    lines.append(f"(two-skill section: {time.perf_counter() - t1:.0f} s)")
     name = f"token_routing_quality_{mode}.md" if mode != "full" else "token_routing_quality.md"
     (args.out or ROOT / "benchmarks" / "results" / name).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
