@@ -1,6 +1,7 @@
 """Micro-batching: concurrent awaiters of one blocking batch function share a single call.
 
-Items submitted within `window_s` of the first one (up to `max_batch`) are passed together to
+Items submitted within `window_s` of the first one, and every item already queued when the
+previous batch finished (up to `max_batch`), are passed together to
 `fn(items) -> outputs` in a worker thread, so the event loop keeps accepting work; each awaiter
 gets its own output, or the batch's exception. Used for mixed-adapter decoding of one model and
 for the router's query encoding.
@@ -48,10 +49,16 @@ class MicroBatcher(Generic[In, Out]):
             batch = [await queue.get()]
             deadline = loop.time() + self.window_s
             while len(batch) < self.max_batch:
+                try:  # everything already waiting joins, whatever the window says
+                    batch.append(queue.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
                 try:
-                    batch.append(
-                        await asyncio.wait_for(queue.get(), max(deadline - loop.time(), 0))
-                    )
+                    batch.append(await asyncio.wait_for(queue.get(), remaining))
                 except TimeoutError:
                     break
             live = [p for p in batch if not p.future.done()]
