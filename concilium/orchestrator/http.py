@@ -75,7 +75,7 @@ def _user_guard(service: Service) -> Any:
     admin_key = service.config.admin_key()
     keys = [k.encode() for k in service.config.user_keys() + ([admin_key] if admin_key else [])]
 
-    def user(request: Request) -> None:
+    async def user(request: Request) -> None:  # async: no worker-thread hop per request
         if not service.config.user_keys():
             return
         given = _bearer(request)
@@ -157,7 +157,7 @@ def _feedback_routes(app: FastAPI, service: Service) -> None:
 def _registry_routes(app: FastAPI, service: Service) -> None:
     orch, registry = service.orchestrator, service.registry
 
-    def admin(request: Request) -> None:
+    async def admin(request: Request) -> None:
         key = service.config.admin_key()
         if key is None:
             return
