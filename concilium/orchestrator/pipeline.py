@@ -117,7 +117,15 @@ class Orchestrator:
         objective = objective or Objective()
         catalog = self.catalogs.get()
         max_tokens = max_tokens or self.default_max_tokens
-        router, direct = self._resolve(model, catalog, task)
+        try:
+            router, direct = self._resolve(model, catalog, task)
+        except UnknownModel:
+            # registered a moment ago (through another process)? look now, not at the next refresh
+            self.catalogs.invalidate()
+            if (fresh := self.catalogs.get()) is catalog:
+                raise
+            catalog = fresh
+            router, direct = self._resolve(model, catalog, task)
         pool = [
             priced(e, estimate_tokens(text), max_tokens)
             for e in (direct if direct is not None else catalog.of_task(task))

@@ -275,3 +275,19 @@ def test_user_keys_guard_inference_but_not_health(tmp_path: Path, backend: FakeB
             assert c.get("/v1/models", headers=h).status_code == 200
         assert c.get("/v1/models").status_code == 401
         assert c.get("/health").status_code == 200
+
+
+def test_an_expert_registered_by_another_process_is_usable_at_once(
+    client: TestClient, tmp_path: Path, backend: FakeBackend
+) -> None:
+    assert chat(client, "hello", model="reverse").status_code == 200  # catalog now cached
+    other = build_service(
+        load_config(None, home=tmp_path, seed_embedder=False),
+        encoder=HashEncoder(),
+        backend=backend,
+        seed=False,
+    )
+    other.registry.register(remote_spec("fresh", ["brand new skill"]))
+    r = chat(client, "hello", model="fresh")  # well within the catalog's 0.2 s refresh
+    assert r.status_code == 200, r.text
+    assert chat(client, "hello", model="never-registered").status_code == 404
