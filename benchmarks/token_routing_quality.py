@@ -19,6 +19,19 @@ On that split (48 queries) PHATGOOSE+prior scored 0.646 / 0.854 / 0.917 at W = 1
 0.562 / 0.854 / 0.917) — 0.917 being the retriever's own top-1 accuracy there, i.e. the token
 routers add nothing the query-level decision does not already give; W = 10 is the default.
 
+``--dev`` also prints Arrow's routing accuracy per adapted layer (does the top-1 adapter match the
+query's skill?) for the router's ``|x·p|``, a GenKnowSub-style variant (the prototypes' shared
+direction projected out, computable in the router from the current adapter set) and ``‖ΔW x‖``
+over all singular directions (SpectR-style), per token and averaged over the prompt. On the 192
+dev queries every one is at chance (0.071–0.104 per token, 1/12 = 0.083; 0.036–0.156 per prompt)
+at every layer, the first included, while a nearest-centroid classifier on the same inputs (fit on
+the adapters' own training prompts) reaches 0.44–0.64: the task is in the activations, but not
+along the directions these adapters change most. Exact match on dev: Arrow 0.000, uniform 0.000,
+and 0.000 for the GenKnowSub-style variant (a one-off run with its prototypes given to the Arrow
+router; not a configuration here); so the router is left as it is and the held-out
+"Arrow above uniform" target stays unmet (rescaling scores per layer across adapters cannot move
+a top-1 either).
+
 Ends with one ``TARGET`` line per acceptance target of the issue.
 """
 
@@ -376,6 +389,110 @@ def two_skill_report(model: Any, ctx: dict[str, Any], pack: Path, per_pair: int)
     return lines
 
 
+ARROW_VARIANTS = ("abs(x·p) (router)", "shared dir. removed", "‖ΔW x‖ (all r)")
+
+
+def module_inputs(
+    model: Any, tok: Any, modules: list[str], prompts: list[str]
+) -> dict[str, list[torch.Tensor]]:
+    """The plain base's input ``[L, D]`` to every adapted module, per prompt (forward hooks)."""
+    out: dict[str, list[torch.Tensor]] = {m: [] for m in modules}
+
+    def hook(name: str) -> Any:
+        return lambda _mod, inp, _out: out[name].append(inp[0][0].detach())
+
+    hooks = [model.get_submodule(m).register_forward_hook(hook(m)) for m in modules]
+    try:
+        with torch.no_grad():
+            for p in prompts:
+                model(tok(p, add_special_tokens=False, return_tensors="pt")["input_ids"])
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
+def arrow_scorers(weights: dict[str, Any], module: str) -> list[Any]:
+    """Per variant of ARROW_VARIANTS, ``x [L, D] -> [L, N]`` routing scores at ``module``."""
+    from concilium.experts.moe.lora_gates import arrow_prototypes
+
+    names = sorted(weights)
+    p = torch.stack(
+        [arrow_prototypes({module: weights[n][module]})[module] for n in names]
+    )  # [N, D]
+    u = torch.linalg.eigh(p.T @ p).eigenvectors[
+        :, -1
+    ]  # the prototypes' shared direction (sign-free)
+    q = p - (p @ u)[:, None] * u
+    q = q / q.norm(dim=1, keepdim=True)
+    ws = [weights[n][module] for n in names]
+    delta = torch.stack([w.scaling * w.b @ w.a for w in ws])  # [N, Dout, D]
+    return [
+        lambda x: (x @ p.T).abs(),
+        lambda x: (x @ q.T).abs(),
+        lambda x: torch.einsum("nod,ld->lno", delta, x).norm(dim=-1),
+    ]
+
+
+def arrow_diagnostics(model: Any, tok: Any, pack: Path, queries: list[dict[str, str]]) -> list[str]:
+    """Dev only: per adapted layer, how often each Arrow variant's top-1 adapter is the query's
+    skill — per prompt token, and once per query from the scores averaged over its prompt; a
+    nearest-centroid column (the adapters' train_examples[:32] prompts, mean input) shows whether
+    the layer's inputs carry the task at all."""
+    from concilium.experts.moe.lora_patch import load_lora_weights
+
+    manifest = json.loads((pack / "manifest.json").read_text())["experts"]
+    skills = sorted(e["name"] for e in manifest)
+    weights = {s: load_lora_weights(pack / "adapters" / s) for s in skills}
+    modules = sorted(weights[skills[0]])
+    y = torch.tensor([skills.index(q["skill"]) for q in queries])
+    acts = module_inputs(model, tok, modules, [format_prompt(q["query"]) for q in queries])
+    train = [(e["name"], x["prompt"]) for e in manifest for x in e["train_examples"][:DEV_SPLIT]]
+    t_acts = module_inputs(model, tok, modules, [format_prompt(p) for _, p in train])
+    t_y = torch.tensor([skills.index(s) for s, _ in train])
+    rows = []
+    for m in modules:
+        row = []
+        for score in arrow_scorers(weights, m):
+            s = [score(x) for x in acts[m]]
+            tok_hits = torch.cat([si.argmax(1) == yi for si, yi in zip(s, y, strict=True)])
+            seq = torch.stack([si.mean(0) for si in s]).argmax(1) == y
+            row += [tok_hits.float().mean().item(), seq.float().mean().item()]
+        row.append(centroid_accuracy(acts[m], y, t_acts[m], t_y, len(skills)))
+        rows.append((m.removeprefix("model.").replace("self_attn.", ""), row))
+    cols = [f"{v} {g}" for v in ARROW_VARIANTS for g in ("token", "prompt-mean")]
+    lines = [
+        "",
+        "## Arrow routing accuracy per layer (dev)",
+        "",
+        f"Share of routing decisions whose top-1 adapter is the query's skill (chance "
+        f"{1 / len(skills):.3f}); inputs of the plain base on the {len(queries)} dev prompts. "
+        "'shared dir. removed': the top eigenvector of the prototypes' Σ p pᵀ projected out "
+        "(a GenKnowSub-style subtraction that needs no other adapter's weights changed); "
+        "'‖ΔW x‖': every singular direction, weighted (SpectR-style; needs more than the stored "
+        "[D] prototype). Last column: nearest class centroid of the prompt-mean input, centroids "
+        "from the adapters' train_examples[:32] prompts (uses data; a reference, not a router).",
+        "",
+        "| layer | " + " | ".join(cols) + " | centroid (data) |",
+        "|---" * (len(cols) + 2) + "|",
+    ]
+    lines += [f"| {m} | " + " | ".join(f"{v:.3f}" for v in r) + " |" for m, r in rows]
+    mean = [sum(r[i] for _, r in rows) / len(rows) for i in range(len(cols) + 1)]
+    lines.append("| **mean** | " + " | ".join(f"{v:.3f}" for v in mean) + " |")
+    return lines
+
+
+def centroid_accuracy(
+    xs: list[torch.Tensor], y: torch.Tensor, t_xs: list[torch.Tensor], t_y: torch.Tensor, n: int
+) -> float:
+    """Nearest centered class centroid (cosine) of each prompt's mean input."""
+    feats, t_feats = torch.stack([x.mean(0) for x in xs]), torch.stack([x.mean(0) for x in t_xs])
+    c = torch.stack([t_feats[t_y == k].mean(0) for k in range(n)])  # [N, D]
+    mu = c.mean(0)
+    c = (c - mu) / (c - mu).norm(dim=1, keepdim=True)
+    return ((feats - mu) @ c.T).argmax(1).eq(y).float().mean().item()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pack", type=Path, default=ROOT / "demo_pack")
@@ -420,8 +537,12 @@ def main() -> int:
     )
     lines = report(acc, head)
     t1 = time.perf_counter()
-    lines += two_skill_report(model, ctx, args.pack, 3 if args.quick else 12)
-    lines.append(f"(two-skill section: {time.perf_counter() - t1:.0f} s)")
+    if args.dev:  # the two-skill payloads are held-out: never in the tuning run
+        lines += arrow_diagnostics(model, tok, args.pack, queries)
+        lines.append(f"(Arrow diagnostics: {time.perf_counter() - t1:.0f} s)")
+    else:
+        lines += two_skill_report(model, ctx, args.pack, 3 if args.quick else 12)
+        lines.append(f"(two-skill section: {time.perf_counter() - t1:.0f} s)")
     name = f"token_routing_quality_{mode}.md" if mode != "full" else "token_routing_quality.md"
     (args.out or ROOT / "benchmarks" / "results" / name).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
