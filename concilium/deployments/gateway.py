@@ -21,7 +21,7 @@ from concilium.experts.pool import ExpertPool
 log = logging.getLogger(__name__)
 
 
-def _unwrap(e: BaseException) -> BaseException:
+def unwrap_ray_error(e: BaseException) -> BaseException:
     """The ConciliumError a replica raised (Ray wraps it), else `e` itself."""
     cause = getattr(e, "cause", None) if isinstance(e, RayTaskError) else None
     return cause if isinstance(cause, ConciliumError) else e
@@ -99,7 +99,7 @@ class RayBackend:
                 self.retried[target.model or target.expert] += 1
                 log.warning("replica of %s died mid-request; retrying once", target.expert)
             except RayTaskError as e:
-                raise _unwrap(e) from None
+                raise unwrap_ray_error(e) from None
         raise AssertionError("unreachable")
 
     async def chat_stream(
@@ -121,7 +121,7 @@ class RayBackend:
         except RayActorError as e:
             raise ExpertUnavailable(f"expert {target.expert!r}: replica died mid-stream") from e
         except RayTaskError as e:
-            raise _unwrap(e) from None
+            raise unwrap_ray_error(e) from None
         finally:
             stream.cancel()  # a no-op when finished; cancels the decode when the client left
 

@@ -19,7 +19,7 @@ from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from concilium.config import ServiceConfig
-from concilium.errors import ConciliumError
+from concilium.deployments.gateway import unwrap_ray_error
 from concilium.registry.store import ExpertRecord
 
 log = logging.getLogger(__name__)
@@ -64,21 +64,15 @@ class RayRegistrar:
         self.handle = handle
 
     async def register(self, data: Any) -> ExpertRecord:
-        try:
-            rec: ExpertRecord = await self.handle.register.remote(data)
-        except RayTaskError as e:
-            raise _cause(e) from None
+        rec: ExpertRecord = await self._call("register", data)
         return rec
 
     async def remove(self, name: str) -> int:
-        try:
-            version: int = await self.handle.remove.remote(name)
-        except RayTaskError as e:
-            raise _cause(e) from None
+        version: int = await self._call("remove", name)
         return version
 
-
-def _cause(e: RayTaskError) -> BaseException:
-    """The ConciliumError the RegistryService raised (a 4xx for the caller), else the Ray error."""
-    cause = getattr(e, "cause", None)
-    return cause if isinstance(cause, ConciliumError) else e
+    async def _call(self, method: str, *args: Any) -> Any:
+        try:
+            return await getattr(self.handle, method).remote(*args)
+        except RayTaskError as e:
+            raise unwrap_ray_error(e) from None
