@@ -10,7 +10,7 @@ from typing import Any
 
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from concilium.config import DeploymentConfig, ServiceConfig
@@ -39,7 +39,8 @@ class RayBackend:
 
     A request whose replica dies is retried once on another replica (Serve does not do this
     itself); a full queue is a 503 with Retry-After; a late-registered model gets its own
-    ExpertServer application on first use.
+    ExpertServer application on first use, and again on the next use after that application
+    was deleted (the expert was removed, then registered again).
     """
 
     def __init__(
@@ -56,6 +57,7 @@ class RayBackend:
         self.retried: Counter[str] = Counter()  # per model: requests retried after a replica died
         self._replicas: dict[str, tuple[str, dict[str, float]]] = {}  # id -> (model, counters)
         self._deploying: dict[str, asyncio.Task[DeploymentHandle]] = {}
+        self._late: set[str] = set()  # models whose own application this gateway started
 
     def model(self, path: Any) -> Any:  # the registration-time latency profiler loads here
         return self.local.model(path)
@@ -74,15 +76,26 @@ class RayBackend:
                 )
                 self._deploying[name] = task
             self.handles[name] = await asyncio.shield(task)
+            self._late.add(name)
         return self.handles[name].options(multiplexed_model_id=target.adapter or "")
+
+    def _gone(self, target: Target, e: DeploymentUnavailableError) -> ExpertUnavailable:
+        """The application behind a cached handle was deleted: forget the handle, so that the
+        next call deploys the (re-registered) expert again."""
+        name = target.model or target.expert
+        if name in self._late:
+            self.handles.pop(name, None)
+            self._deploying.pop(name, None)
+            self._late.discard(name)
+        return ExpertUnavailable(f"expert {target.expert!r}: its deployment is gone ({e})")
 
     async def chat(
         self, target: Target, messages: Sequence[Message], params: GenParams
     ) -> Generation:
-        handle = await self._handle(target)
-        if handle is None:
-            return await self.local.chat(target, messages, params)
         for attempt in range(self.retries + 1):
+            handle = await self._handle(target)
+            if handle is None:
+                return await self.local.chat(target, messages, params)
             response = handle.chat.remote(target, list(messages), params)
             try:
                 gen: Generation = await response
@@ -93,6 +106,10 @@ class RayBackend:
                 raise
             except BackPressureError as e:
                 raise _overloaded(target, e) from None
+            except DeploymentUnavailableError as e:
+                err = self._gone(target, e)
+                if attempt == self.retries:
+                    raise err from e
             except RayActorError as e:
                 if attempt == self.retries:
                     raise ExpertUnavailable(f"expert {target.expert!r}: replica died ({e})") from e
@@ -118,6 +135,8 @@ class RayBackend:
                 yield item
         except BackPressureError as e:
             raise _overloaded(target, e) from None
+        except DeploymentUnavailableError as e:
+            raise self._gone(target, e) from e
         except RayActorError as e:
             raise ExpertUnavailable(f"expert {target.expert!r}: replica died mid-stream") from e
         except RayTaskError as e:

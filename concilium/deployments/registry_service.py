@@ -2,7 +2,9 @@
 
 Gateways forward `POST /v1/experts` and `DELETE /v1/experts/{name}` here (through `RayRegistrar`);
 this replica validates the spec, copies the files into the artifact store, embeds the pilots,
-profiles a new local model, inserts the row and bumps the registry version. It alone owns the
+profiles a new local model, inserts the row and bumps the registry version; deleting a model
+expert that runs in its own application (registered while serving) also deletes that application,
+once Serve has drained its in-flight requests. It alone owns the
 background PHATGOOSE gate jobs: it resumes the gates a previous run left pending when it starts,
 and trains the gate of every lora registered through it. Readers (gateways, CLI) keep reading the
 shared SQLite store directly, so a write is visible everywhere as soon as the version moves.
@@ -20,6 +22,7 @@ from ray.serve.handle import DeploymentHandle
 
 from concilium.config import ServiceConfig
 from concilium.deployments.gateway import unwrap_ray_error
+from concilium.deployments.topology import delete_expert_app
 from concilium.registry.store import ExpertRecord
 
 log = logging.getLogger(__name__)
@@ -44,7 +47,9 @@ class RegistryService:
         return await asyncio.to_thread(self.registry.register, data)
 
     async def remove(self, name: str) -> int:
-        return await asyncio.to_thread(self.registry.remove, name)
+        version = await asyncio.to_thread(self.registry.remove, name)
+        await asyncio.to_thread(delete_expert_app, name)
+        return version
 
     def version(self) -> int:
         return self.registry.version()

@@ -2,7 +2,8 @@
 
 The base models known when the app is built get an ExpertServer inside the main application; a
 `model` expert registered later gets its own application (``expert-<name>``), started from the
-gateway on its first request without touching any other deployment.
+gateway on its first request without touching any other deployment, and is deleted with the
+expert (the base models of the main application run until it is redeployed).
 """
 
 from __future__ import annotations
@@ -52,9 +53,19 @@ def deploy_expert_app(
 ) -> DeploymentHandle:
     """Start (or find) the application of a late-registered model expert; blocks until ready."""
     app = app_name_for(name)
-    try:
-        return serve.get_deployment_handle(f"expert-{name}", app_name=app)
-    except Exception:  # not deployed yet (Serve raises a plain exception type here)
+    # ask the controller: get_deployment_handle caches handles, also those of deleted apps
+    if app not in serve.status().applications:
         log.info("starting ExpertServer application %s for %s", app, model_path)
-    serve.run(expert_deployment(name, model_path, dep, home), name=app, route_prefix=None)
+        serve.run(expert_deployment(name, model_path, dep, home), name=app, route_prefix=None)
     return serve.get_deployment_handle(f"expert-{name}", app_name=app)
+
+
+def delete_expert_app(name: str) -> bool:
+    """Delete the application of a late-registered model expert, if it runs; blocks while Serve
+    drains its in-flight requests (up to the deployment's graceful_shutdown_timeout_s)."""
+    app = app_name_for(name)
+    if app not in serve.status().applications:
+        return False
+    log.info("deleting ExpertServer application %s of removed expert %s", app, name)
+    serve.delete(app, _blocking=True)
+    return True

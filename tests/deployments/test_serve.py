@@ -4,7 +4,8 @@ Covers the serving issue's acceptance: the openai client (chat, streaming, embed
 registration seen by every gateway replica within 1 s, a late `model` expert getting its own
 deployment, per-expert autoscaling, a replica killed under 200 concurrent requests, backpressure,
 deadlines cancelling downstream work, adapter LRU eviction/reload (and its counters in /metrics),
-registry writes through the RegistryService, DELETE draining before the unload, scale to zero.
+registry writes through the RegistryService, DELETE draining before the unload (and deleting a
+late model expert's application), scale to zero.
 """
 
 from __future__ import annotations
@@ -402,3 +403,37 @@ def test_a_cold_expert_scales_to_zero_and_back(gateway: str, pack_dir: Path) -> 
     r = chat(gateway, "hello", model=name, max_tokens=2)  # wakes it
     assert r.status_code == 200, r.text
     assert replicas(app, dep) >= 1
+
+
+def test_deleting_a_late_model_expert_drains_then_deletes_its_application(
+    gateway: str, pack_dir: Path
+) -> None:
+    from ray import serve
+
+    from concilium.deployments.topology import app_name_for
+
+    app = app_name_for(LATE)
+    assert app in serve.status().applications  # registered and started by an earlier test
+
+    def slow() -> tuple[httpx.Response, float]:
+        r = chat(gateway, "hi", model=LATE, max_tokens=400, min_tokens=400)
+        return r, time.perf_counter()
+
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(slow)
+        time.sleep(0.5)  # the request is decoding on the replica
+        r = httpx.delete(f"{gateway}/v1/experts/{LATE}", headers=ADMIN, timeout=120)
+        deleted_at = time.perf_counter()
+        assert r.status_code == 200, r.text
+        done, done_at = pending.result(timeout=180)
+    assert done.status_code == 200, done.text  # drained, not cut off
+    assert done_at <= deleted_at  # the DELETE answered once the application had drained
+    assert app not in serve.status().applications
+    assert chat(gateway, "hi", model=LATE, max_tokens=2).status_code == 404
+    # registered again: every gateway replica drops its stale handle and deploys it anew
+    spec = {"kind": "model", "name": LATE, "path": str(pack_dir / "base"), "examples": ["hi"]}
+    r = httpx.post(f"{gateway}/v1/experts", json=spec, timeout=120, headers=ADMIN)
+    assert r.status_code == 201, r.text
+    codes = [chat(gateway, "hello", model=LATE, max_tokens=2).status_code for _ in range(6)]
+    assert codes == [200] * 6, (codes, chat(gateway, "hello", model=LATE, max_tokens=2).text)
+    assert replicas(app, f"expert-{LATE}") == 1
