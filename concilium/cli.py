@@ -31,7 +31,7 @@ JsonOpt = typer.Option(False, "--json", help="Print JSON.")
 
 
 def _fail(msg: str) -> NoReturn:
-    err.print(f"[red]error:[/red] {msg}", highlight=False)
+    err.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
