@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -100,12 +100,56 @@ class ScalingConfig(BaseModel):
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
+MoEBackendName = Literal["auto", "grouped", "grouped_mm", "decode", "dense", "reference", "stock"]
+
+
+class MoEConfig(BaseModel):
+    """How an ExpertServer runs a sparse-MoE base model (a dense base ignores it)."""
+
+    model_config = ConfigDict(extra="forbid")
+    backend: MoEBackendName = Field(
+        default="auto",
+        description="Kernel for the experts' FFNs (concilium.experts.moe); 'stock' keeps the "
+        "transformers modules.",
+    )
+    resident_experts: int | None = Field(
+        default=None,
+        ge=1,
+        description="Experts kept in memory per MoE layer; the rest stay in a memory-mapped "
+        "safetensors file, loaded on demand (ExpertFlow-style tiering). None: all resident.",
+    )
+    policy: Literal["lru", "lfu"] = Field(default="lru", description="Tier cache eviction.")
+    prefetch: bool = Field(
+        default=True, description="Tiering: load the next layer's predicted experts ahead."
+    )
+    background: bool = Field(
+        default=False,
+        description="Tiering: prefetch on a worker thread, overlapping compute. Off by default: "
+        "with the tier file in the page cache and 2 cores, copying on a second thread measured "
+        "slower than in line (benchmarks/moe_generation.py); it pays when loads wait on disk.",
+    )
+    pin_super_experts: bool = Field(
+        default=True, description="Tiering: keep super experts (massive activations) resident."
+    )
+
+    def options(self) -> Any:
+        """The runtime's `MoEOptions` (concilium.experts.moe.replica)."""
+        from concilium.experts.moe.replica import MoEOptions
+
+        backend = None if self.backend == "stock" else self.backend
+        fields = self.model_dump(exclude={"backend"})
+        return MoEOptions(backend=backend, **fields)
+
+
 class ExpertScalingConfig(ScalingConfig):
-    """An ExpertServer deployment: scaling plus its adapter cache and batching."""
+    """An ExpertServer deployment: scaling plus its adapter cache, batching and MoE kernels."""
 
     max_adapters: int = Field(default=8, ge=1, description="Adapters resident per replica (LRU).")
     max_batch: int = Field(default=16, ge=1, description="Rows decoded together in one batch.")
     batch_wait_ms: float = Field(default=2.0, ge=0, description="Wait to fill a batch, in ms.")
+    moe: MoEConfig = Field(
+        default_factory=MoEConfig, description="Sparse-MoE kernels and expert weight tiering."
+    )
 
 
 def _gateway_default() -> ScalingConfig:
@@ -136,6 +180,9 @@ class DeploymentConfig(BaseModel):
     def expert(self, name: str) -> ExpertScalingConfig:
         """The scaling of expert `name`: the defaults with its overrides applied."""
         data = self.expert_defaults.model_dump() | self.experts.get(name, {})
+        moe = self.experts.get(name, {}).get("moe")
+        if isinstance(moe, dict):  # merged key by key onto the defaults' moe
+            data["moe"] = self.expert_defaults.moe.model_dump() | moe
         try:
             return ExpertScalingConfig.model_validate(data)
         except ValidationError as e:

@@ -61,9 +61,15 @@ class ExpertServer:
         max_batch: int = 16,
         batch_wait_ms: float = 2.0,
         registry_home: str | None = None,
+        moe: dict[str, Any] | None = None,
     ) -> None:
+        from concilium.config import MoEConfig
+
+        options = MoEConfig.model_validate(moe or {}).options()
+        if registry_home is not None:  # the tier file goes to disk beside the registry
+            options = dataclasses.replace(options, store_dir=Path(registry_home) / "tier")
         # the model's own LRU is a safety net: Serve's multiplexing LRU is the real cap
-        self.lm = LocalCausalLM(Path(model_path), max_adapters=2 * max_adapters + 8)
+        self.lm = LocalCausalLM(Path(model_path), max_adapters=2 * max_adapters + 8, moe=options)
         self.model_path = model_path
         ctx = serve.get_replica_context()
         self._replica_id = ctx.replica_id.unique_id
@@ -238,7 +244,8 @@ class ExpertServer:
     def _stamped(self, gen: Generation) -> Generation:
         """The generation with this replica's counters attached (the gateway's /metrics)."""
         return dataclasses.replace(
-            gen, replica={"id": self._replica_id, "model": self.name, "stats": dict(self.stats)}
+            gen,
+            replica={"id": self._replica_id, "model": self.name, "stats": self._counters()},
         )
 
     # -- introspection (tests, operators) ----------------------------------------------------
@@ -246,8 +253,13 @@ class ExpertServer:
         return {
             "replica": serve.get_replica_context().replica_id.unique_id,
             "adapters": self.lm.adapters,
-            "stats": dict(self.stats),
+            "stats": self._counters(),
+            "moe": self.lm.moe.info(),
         }
+
+    def _counters(self) -> dict[str, float]:
+        """Serving events plus the MoE tier's counters (the gateway sums them over replicas)."""
+        return {**self.stats, **self.lm.moe.counters()}
 
     def check_health(self) -> None:
         if self.lm.model is None:  # pragma: no cover - the model is loaded in __init__

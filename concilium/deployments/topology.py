@@ -39,7 +39,7 @@ def expert_deployment(
     s: ExpertScalingConfig = dep.expert(name)
     return ExpertServer.options(  # type: ignore[attr-defined]
         name=f"expert-{name}", **deployment_options(s)
-    ).bind(model_path, s.max_adapters, s.max_batch, s.batch_wait_ms, home)
+    ).bind(model_path, s.max_adapters, s.max_batch, s.batch_wait_ms, home, s.moe.model_dump())
 
 
 def app_name_for(name: str) -> str:

@@ -25,8 +25,11 @@ from typing import Any
 from concilium.errors import ExpertFailed, ExpertUnavailable, InvalidInput
 from concilium.experts.base import Generation, GenParams, Message, TokenRoutingParams
 from concilium.experts.mixing import FIELD, MixtureRouters, MixtureRow
+from concilium.experts.moe.replica import MoEOptions
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+# finds the super experts of a tiered MoE base (their outliers show on any ordinary text)
+CALIBRATION_TEXT = "Reverse this word: planet. Hello, what can you do? Count the letters: 12345."
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,8 +47,9 @@ class LocalCausalLM:
     `engine` applies the adapters of a mixed batch: ``"mixture"`` (default) through our MoE-LoRA
     layer, one grouped matmul per module whatever the number of adapters; ``"peft"`` through
     PEFT's ``adapter_names`` (a loop over the batch's adapters; kept as the reference).
-    `moe_backend`: a sparse-MoE base runs its expert FFNs on our kernels (`experts.moe.patch`,
-    same weights, same outputs); None keeps the stock transformers modules.
+    `moe`: a sparse-MoE base runs its expert FFNs on our kernels (`experts.moe.patch`, same
+    weights, same outputs; `MoEOptions(backend=None)` keeps the stock modules) and, with
+    `resident_experts`, keeps only that many experts per layer in memory (`experts.moe.replica`).
     """
 
     def __init__(
@@ -55,7 +59,7 @@ class LocalCausalLM:
         max_adapters: int = 64,
         max_context: int | None = None,
         engine: str = "mixture",
-        moe_backend: str | None = "auto",
+        moe: MoEOptions | None = None,
     ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -68,14 +72,10 @@ class LocalCausalLM:
             self.model_dir, use_safetensors=True, trust_remote_code=False, dtype=torch.float32
         )
         self.model: Any = model.eval()
-        self.moe_patch: Any = None
-        if moe_backend is not None:
-            from concilium.experts.moe.patching import experts_sites
+        from concilium.experts.moe.replica import prepare
 
-            if experts_sites(self.model):
-                from concilium.experts.moe import patch
-
-                self.moe_patch = patch(self.model, backend=moe_backend)
+        calibration = self.tokenizer(CALIBRATION_TEXT, return_tensors="pt").input_ids
+        self.moe = prepare(self.model, moe or MoEOptions(), calibration)
         if engine not in ("mixture", "peft"):
             raise InvalidInput(f"engine {engine!r}: expected 'mixture' or 'peft'")
         self.engine = engine

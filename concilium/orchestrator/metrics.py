@@ -118,7 +118,8 @@ class _BackendCollector(Collector):
         fam = CounterMetricFamily(
             "concilium_expert_events",
             "Serving events per model: adapter_loads, adapter_evictions, batches, "
-            "mixed_adapter_batches, cancelled (summed over replicas), retries (replica died).",
+            "mixed_adapter_batches, cancelled, tier_hits, tier_misses, tier_prefetched, "
+            "tier_bytes_moved (summed over replicas), retries (replica died).",
             labels=["model", "event"],
         )
         for model, events in sorted(self.stats().items()):

@@ -43,7 +43,12 @@ def _deployment_config() -> dict[str, Any]:
         "expert_defaults": {**fast, "min_replicas": 1, "max_replicas": 2, "max_adapters": 3},
         "experts": {
             "demo-moe": {"target_ongoing_requests": 2},
-            LATE: {"max_replicas": 1, "max_ongoing_requests": 1, "max_queued_requests": 1},
+            LATE: {
+                "max_replicas": 1,
+                "max_ongoing_requests": 1,
+                "max_queued_requests": 1,
+                "moe": {"resident_experts": 4},  # tiered: half the experts memory-mapped
+            },
             "demo-moe-cold": {
                 "min_replicas": 0,
                 "max_replicas": 1,
@@ -195,6 +200,15 @@ def test_late_model_expert_gets_its_own_deployment(gateway: str, pack_dir: Path)
     assert r.status_code == 200, r.text
     assert replicas(app_name_for(LATE), f"expert-{LATE}") == 1
     assert replicas("concilium", "expert-demo-moe") >= 1  # untouched
+    # its YAML tiers it: same answer as the fully resident base, the tier's counters in info()
+    full = chat(gateway, "hello", model="demo-moe", max_tokens=4)
+    assert (
+        full.json()["choices"][0]["message"]["content"]
+        == r.json()["choices"][0]["message"]["content"]
+    )
+    (info,) = expert_infos(app_name_for(LATE), f"expert-{LATE}", samples=1).values()
+    assert info["moe"]["moe_layers"] == 4 and info["moe"]["tier_bytes_moved"] > 0
+    assert info["stats"]["tier_misses"] == info["moe"]["tier_misses"] > 0
 
 
 def test_backpressure_answers_503_quickly(gateway: str) -> None:

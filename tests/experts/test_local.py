@@ -10,6 +10,7 @@ import pytest
 from concilium.errors import ExpertFailed
 from concilium.experts.base import GenParams
 from concilium.experts.local import GenRequest, LocalCausalLM
+from concilium.experts.moe.replica import MoEOptions
 
 
 @pytest.fixture(scope="module")
@@ -158,8 +159,8 @@ def test_mixture_engine_rejects_unknown_engines(pack: dict) -> None:  # type: ig
 def test_moe_base_runs_on_our_kernels_with_the_stock_outputs(pack: dict) -> None:  # type: ignore[type-arg]
     base = pack["dir"] / pack["manifest"]["base"]["path"]
     ours = LocalCausalLM(base, max_adapters=1)
-    stock = LocalCausalLM(base, max_adapters=1, moe_backend=None)
-    assert ours.moe_patch is not None and stock.moe_patch is None
+    stock = LocalCausalLM(base, max_adapters=1, moe=MoEOptions(backend=None))
+    assert ours.moe.patch is not None and stock.moe.patch is None
     e = pack["manifest"]["experts"][0]
     for lm in (ours, stock):
         lm.ensure_adapter(e["name"], pack["dir"] / e["path"])
@@ -167,3 +168,31 @@ def test_moe_base_runs_on_our_kernels_with_the_stock_outputs(pack: dict) -> None
     for adapter in (e["name"], None):
         a = ours.generate(msgs, GenParams(max_tokens=24), adapter).text
         assert a == stock.generate(msgs, GenParams(max_tokens=24), adapter).text
+
+
+def test_a_tiered_moe_base_keeps_half_its_experts_and_answers_the_same(pack: dict) -> None:  # type: ignore[type-arg]
+    base = pack["dir"] / pack["manifest"]["base"]["path"]
+    full = LocalCausalLM(base, max_adapters=1)
+    tiered = LocalCausalLM(base, max_adapters=1, moe=MoEOptions(resident_experts=4))
+    assert full.moe.tiers is None and tiered.moe.tiers is not None
+    e = pack["manifest"]["experts"][0]
+    msgs = [{"role": "user", "content": _row(pack, e["name"])["query"]}]
+    for lm in (full, tiered):
+        lm.ensure_adapter(e["name"], pack["dir"] / e["path"])
+    for adapter in (e["name"], None):
+        want = full.generate(msgs, GenParams(max_tokens=24), adapter)
+        got = tiered.generate(msgs, GenParams(max_tokens=24), adapter)
+        assert got.text == want.text
+    stats = tiered.moe.info()
+    assert stats["moe_layers"] == 4 and stats["tier_misses"] > 0 and stats["tier_bytes_moved"] > 0
+    assert 0 < stats["tier_hit_rate"] < 1 and stats["tier_prefetched"] > 0
+    assert all(len(c.resident) <= 4 for c in tiered.moe.tiers.caches)
+    tiered.moe.close()
+
+
+def test_tiering_a_dense_base_or_too_many_experts_is_a_config_error(pack: dict) -> None:  # type: ignore[type-arg]
+    from concilium.errors import ConfigError
+
+    base = pack["dir"] / pack["manifest"]["base"]["path"]
+    with pytest.raises(ConfigError, match="resident_experts 9"):
+        LocalCausalLM(base, max_adapters=1, moe=MoEOptions(resident_experts=9))

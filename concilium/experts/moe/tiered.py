@@ -13,6 +13,7 @@ breaks the model) are found with `find_super_experts` on a calibration batch and
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,14 +42,13 @@ class TieredExperts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
+        self._prefetch_next(hidden_states)  # first: background loads overlap this layer
         y = torch.zeros_like(hidden_states)
-        active = active_experts(top_k_index, self.num_experts)
-        for e in active:
+        for e in active_experts(top_k_index, self.num_experts):
             w13, w2 = self.cache.get(e)
             token, slot = torch.nonzero(top_k_index == e, as_tuple=True)  # [S_e] each
             out = swiglu(hidden_states[token], w13, w2) * top_k_weights[token, slot, None]
             y = y.index_add(0, token, out.to(y.dtype))
-        self._prefetch_next(hidden_states)
         return y
 
     @torch.no_grad()
@@ -63,16 +63,25 @@ class TieredExperts(nn.Module):
 
 @dataclass(frozen=True, slots=True)
 class TierReport:
-    """The tiered layers' caches, in layer order, and their summed counters."""
+    """The tiered layers' caches, in layer order, their summed counters, and the background
+    loader they share (None: prefetch loads synchronously)."""
 
     names: tuple[str, ...]
     caches: tuple[ExpertCache, ...]
+    loader: ThreadPoolExecutor | None = None
 
     def stats(self) -> TierStats:
         total = TierStats()
         for c in self.caches:
             total = total + c.stats
         return total
+
+    def close(self) -> None:
+        """Finish the loads in flight and stop the loader thread."""
+        for c in self.caches:
+            c.close()
+        if self.loader is not None:
+            self.loader.shutdown(wait=True)
 
 
 def tier(
@@ -83,9 +92,12 @@ def tier(
     policy: Policy = "lru",
     pinned: dict[int, set[int]] | None = None,
     prefetch: bool = True,
+    background: bool = False,
 ) -> TierReport:
     """Move every supported experts module's weights (stock or patched) to `store_path`, keep
     `budget` per layer. `pinned` maps MoE layer index (in model order) -> experts never evicted.
+    `background`: prefetches load on one worker thread, overlapping the layer's compute (call
+    `TierReport.close()` when done with the model).
     """
     sites = experts_sites(model, include_ours=True)
     if not sites:
@@ -94,14 +106,15 @@ def tier(
     write_store(store_path, layers)
     store = ExpertStore(store_path)
     pins = pinned or {}
+    loader = ThreadPoolExecutor(1, "expert-prefetch") if background and prefetch else None
     caches = []
     for i, (_, parent, attr, stock) in enumerate(sites):
-        cache = ExpertCache(store, i, budget, policy, frozenset(pins.get(i, set())))
+        cache = ExpertCache(store, i, budget, policy, frozenset(pins.get(i, set())), loader)
         setattr(parent, attr, TieredExperts(cache, stock.get_parameter("down_proj").shape[0]))
         caches.append(cache)
     if prefetch:
         _link_prefetch(sites)
-    return TierReport(tuple(s[0] for s in sites), tuple(caches))
+    return TierReport(tuple(s[0] for s in sites), tuple(caches), loader)
 
 
 def _link_prefetch(sites: list[tuple[str, nn.Module, str, nn.Module]]) -> None:

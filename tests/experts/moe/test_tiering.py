@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -36,14 +38,46 @@ def test_demo_base_with_half_the_experts_resident_gives_the_same_outputs(tmp_pat
 
 def test_prefetch_changes_nothing_but_the_counters(tmp_path: Path) -> None:
     outs = []
-    for prefetch in (True, False):
+    for prefetch, background in ((True, False), (True, True), (False, False)):
         model = tiny("mixtral")
         ids = prompt(model.config.vocab_size)
-        report = tier(model, tmp_path / f"{prefetch}.safetensors", budget=3, prefetch=prefetch)
+        path = tmp_path / f"{prefetch}-{background}.safetensors"
+        report = tier(model, path, budget=3, prefetch=prefetch, background=background)
+        assert (report.loader is not None) == background
         with torch.no_grad():
             outs.append(model.generate(ids, max_new_tokens=12, do_sample=False))
+        report.close()
         assert (report.stats().prefetched > 0) == prefetch
-    assert torch.equal(outs[0], outs[1])
+        assert all(len(c.resident) <= 3 for c in report.caches)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+class SlowStore(ExpertStore):
+    """Loads wait for `gate`, so a test sees them in flight."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.gate = threading.Event()
+
+    def load(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.gate.wait(10)
+        return super().load(layer, expert)
+
+
+def test_background_prefetch_stays_in_budget_and_hands_over_the_weights(tmp_path: Path) -> None:
+    store_with(tmp_path)
+    store = SlowStore(tmp_path / "s.safetensors")
+    with ThreadPoolExecutor(1) as loader:
+        cache = ExpertCache(store, 0, budget=2, loader=loader)
+        cache.prefetch([3, 4])  # both in flight: the budget is spent
+        assert cache.resident == [] and cache.stats.prefetched == 2
+        threading.Timer(0.05, store.gate.set).start()
+        w13, _ = cache.get(3)  # waits for its load
+        assert (w13 == 3).all() and cache.stats.waits == 1 and cache.stats.prefetch_used == 1
+        cache.get(5)  # a miss with the other slot still a load: takes it, then evicts
+        assert len(cache.resident) == 2 and 5 in cache.resident
+        assert (cache.stats.hits, cache.stats.misses) == (1, 1)
+        cache.close()
 
 
 def store_with(tmp_path: Path, e: int = 6) -> ExpertStore:
