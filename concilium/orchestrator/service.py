@@ -123,9 +123,11 @@ def build_service(
     routers = {name: build_router(cfg) for name, cfg in config.routers.items()}
     outcomes = open_outcomes(config)
     for router in routers.values():
-        attach = getattr(router, "attach", None)
+        attach, warm = getattr(router, "attach", None), getattr(router, "warm", None)
         if attach is not None:
             attach(outcomes)
+        if warm is not None and outcomes is not None:  # learn off the request path
+            warm(registry.encoder.dim)
     orch = Orchestrator(
         registry,
         backend,

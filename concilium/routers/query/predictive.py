@@ -9,7 +9,9 @@ Predicted quality of expert e on query x blends two sources:
 * **a learned head** (`head: logistic`) — per expert with labelled outcomes, a logistic
   regression on the query embedding (label: quality ≥ 0.5, scikit-learn's default C), refitted in
   the background when the store has moved and `head_refit_s` has passed; its probability h_e is
-  the prior p_e of that expert;
+  the prior p_e of that expert. A service calls `warm(dim)` at start, which loads the rows and
+  fits the heads on a thread while requests are routed by pilots alone; a router used without
+  `warm` (evaluation replays) loads and fits on its first request, so every decision uses them;
 * **pilots** (cold start) — for an expert without a head, RouterRetriever's pilot score r_e turned
   into a prior p_e = exp((r_e - max_c r_c) / pilot_temperature): 1 for the best-matching
   candidate, less for the others. A newly registered expert has pilots but no outcomes, so it is
@@ -98,6 +100,7 @@ class PredictiveRouter(QueryRouter):
         self._head_version: int | None = None
         self._head_fitted = -math.inf
         self._fitting = False
+        self._warming = False  # warm() is loading the rows: requests do not wait for them
 
     def attach(self, source: OutcomeSource | None) -> None:
         """Learn from `source` (an OutcomeStore); None = pilots only."""
@@ -106,6 +109,34 @@ class PredictiveRouter(QueryRouter):
 
     def prepare(self, candidates: Sequence[Candidate]) -> None:
         self._pilots.prepare(candidates)
+
+    def warm(self, dim: int) -> threading.Thread | None:
+        """Load the labelled rows of `dim`-d embeddings and fit the heads on a thread, off the
+        request path; meanwhile requests are routed by pilots. The thread, or None when there is
+        no outcome store."""
+        src = self._source
+        if src is None:
+            return None
+        with self._lock:
+            self._warming = self._fitting = True
+
+        def run() -> None:
+            try:
+                version = src.version()
+                rows = _group(src.labelled(dim))
+                with self._lock:
+                    self._rows, self._version, self._dim = rows, version, dim
+                    self._checked = time.monotonic()
+                    self._warming = False
+                if self.config.head != "none":
+                    self._heads = {n: _Head.fit(e, q) for n, (e, q) in rows.items()}
+                    self._head_version, self._head_fitted = version, time.monotonic()
+            finally:
+                self._warming = self._fitting = False
+
+        thread = threading.Thread(target=run, name="predictive-warm", daemon=True)
+        thread.start()
+        return thread
 
     # -- prediction -----------------------------------------------------------------------------
     def predict(self, query: Query, candidates: Sequence[Candidate]) -> np.ndarray:
@@ -164,11 +195,8 @@ class PredictiveRouter(QueryRouter):
         if src is None:
             return {}
         now = time.monotonic()
-        if (
-            self._version is not None
-            and self._dim == dim
-            and now - self._checked < self.config.refresh_s
-        ):
+        fresh = self._version is not None and now - self._checked < self.config.refresh_s
+        if self._warming or (fresh and self._dim == dim):
             return self._rows
         with self._lock:
             self._checked = now
