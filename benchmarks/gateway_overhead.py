@@ -35,7 +35,12 @@ from concilium.experts.base import Generation, GenParams, Target  # noqa: E402
 bare_api = FastAPI()
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=1024)
+NO_ACCESS_LOG = {"enable_access_log": False}  # both apps alike (Serve 2.60 ignores the env var)
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=1024, logging_config=NO_ACCESS_LOG
+)
 class NoOpExpert:
     """Answers at once: the expert time is zero, so only the serving path is measured."""
 
@@ -43,7 +48,9 @@ class NoOpExpert:
         return Generation(text="ok", prompt_tokens=1, completion_tokens=1, finish_reason="stop")
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=1024)
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=1024, logging_config=NO_ACCESS_LOG
+)
 @serve.ingress(bare_api)
 class BareIngress:
     def __init__(self, expert: Any) -> None:
@@ -94,9 +101,13 @@ def deploy(port: int, home: Path) -> None:
             "examples": ["Reverse this word: planet", "hello", "what can you do?"],
         }
     )
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=NO_ACCESS_LOG)
     serve.run(BareIngress.bind(NoOpExpert.bind()), name="bare", route_prefix="/bare")
-    gateway = Gateway.options(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=1024)  # type: ignore[attr-defined]
+    gateway = Gateway.options(  # type: ignore[attr-defined]
+        ray_actor_options={"num_cpus": 0.25},
+        max_ongoing_requests=1024,
+        logging_config=NO_ACCESS_LOG,
+    )
     app = gateway.bind(cfg.model_dump(mode="json"), {"noop": NoOpExpert.bind()})
     serve.run(app, name="concilium", route_prefix="/")
 

@@ -170,6 +170,16 @@ class DeploymentConfig(BaseModel):
         default_factory=dict,
         description="Per model-expert name: fields overriding expert_defaults.",
     )
+    access_log: bool = Field(
+        default=False,
+        description="Ray Serve's access log (a line per request in the proxy and every replica, "
+        "written to a file). Serve 2.60 ignores RAY_SERVE_ENABLE_ACCESS_LOG; this sets each "
+        "deployment's and the proxy's logging_config.enable_access_log.",
+    )
+
+    def logging(self) -> dict[str, Any]:
+        """Serve `logging_config` for the proxy and every deployment."""
+        return {"enable_access_log": self.access_log}
 
     @model_validator(mode="after")
     def _check_overrides(self) -> DeploymentConfig:

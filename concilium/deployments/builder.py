@@ -45,8 +45,8 @@ def build_app(cfg: ServiceConfig) -> Application:
         if isinstance(rec.spec, ModelSpec) and rec.spec.task == "generate"
     }
     config = cfg.model_dump(mode="json")
-    registry = RegistryService.bind(config)  # type: ignore[attr-defined]
-    gateway = Gateway.options(**deployment_options(dep.gateway))  # type: ignore[attr-defined]
+    registry = RegistryService.options(logging_config=dep.logging()).bind(config)  # type: ignore[attr-defined]
+    gateway = Gateway.options(**deployment_options(dep.gateway, dep))  # type: ignore[attr-defined]
     return gateway.bind(config, experts, registry)
 
 
@@ -71,7 +71,10 @@ def run_serve(
         ignore_reinit_error=True,
     )
     try:
-        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        serve.start(
+            http_options={"host": cfg.host, "port": cfg.port},
+            logging_config=cfg.deployment.logging(),
+        )
         serve.run(build_app(cfg), name="concilium", route_prefix="/", blocking=False)
         if announce is not None:
             announce(cfg)

@@ -21,13 +21,15 @@ from concilium.deployments.expert_server import ExpertServer
 log = logging.getLogger(__name__)
 
 
-def deployment_options(s: ScalingConfig) -> dict[str, Any]:
-    """Serve `.options(...)` for a scaling config (autoscaling, CPUs, queue limits)."""
+def deployment_options(s: ScalingConfig, dep: DeploymentConfig) -> dict[str, Any]:
+    """Serve `.options(...)` for a scaling config (autoscaling, CPUs, queue limits) in the
+    topology `dep` (its logging)."""
     return {
         "autoscaling_config": s.autoscaling(),
         "ray_actor_options": {"num_cpus": s.num_cpus},
         "max_ongoing_requests": s.max_ongoing_requests,
         "max_queued_requests": s.max_queued_requests,
+        "logging_config": dep.logging(),
     }
 
 
@@ -38,7 +40,7 @@ def expert_deployment(
     is the registry data dir its replicas watch for deleted adapters."""
     s: ExpertScalingConfig = dep.expert(name)
     return ExpertServer.options(  # type: ignore[attr-defined]
-        name=f"expert-{name}", **deployment_options(s)
+        name=f"expert-{name}", **deployment_options(s, dep)
     ).bind(model_path, s.max_adapters, s.max_batch, s.batch_wait_ms, home, s.moe.model_dump())
 
 

@@ -81,7 +81,10 @@ def gateway(pack_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     )
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(
+            http_options={"host": "127.0.0.1", "port": port},
+            logging_config=cfg.deployment.logging(),
+        )
         serve.run(build_app(cfg), name="concilium", route_prefix="/", blocking=False)
         yield f"http://127.0.0.1:{port}"
     finally:

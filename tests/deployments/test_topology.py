@@ -1,0 +1,16 @@
+"""Serve options built from the config (no Ray started)."""
+
+from __future__ import annotations
+
+from concilium.config import DeploymentConfig
+
+
+def test_access_logs_are_off_unless_asked_for_in_every_deployment() -> None:
+    from concilium.deployments.topology import deployment_options
+
+    quiet, loud = DeploymentConfig(), DeploymentConfig(access_log=True)
+    for dep, want in ((quiet, False), (loud, True)):
+        for s in (dep.gateway, dep.expert("demo-moe")):
+            assert deployment_options(s, dep)["logging_config"] == {"enable_access_log": want}
+    opts = deployment_options(quiet.expert("demo-moe"), quiet)
+    assert opts["ray_actor_options"] == {"num_cpus": 0.5} and opts["max_queued_requests"] == 256
