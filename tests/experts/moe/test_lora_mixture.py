@@ -127,3 +127,39 @@ def test_unaligned_rank_straight_into_a_backend(backend: str):
     want = get_backend("reference").add(y0.clone(), x, a, b, gates, idxs)
     got = get_backend(backend).add(y0.clone(), x, a, b, gates, idxs)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("d", "r", "t", "want"),
+    [
+        (128, 8, 32, "gather"),
+        (128, 8, 128, "grouped"),
+        (1024, 16, 2, "gather"),
+        (1024, 16, 8, "grouped"),
+    ],
+)
+def test_auto_gathers_while_the_copies_are_small(
+    monkeypatch: pytest.MonkeyPatch, d: int, r: int, t: int, want: str
+) -> None:
+    from concilium.experts.moe import lora_backends
+
+    picked = []
+    for name in ("gather", "grouped"):
+        impl = getattr(lora_backends, f"_{name.upper()}")
+        monkeypatch.setattr(impl, "add", _recording(impl.add, picked, name))
+    g = torch.Generator().manual_seed(t)
+    x, a = torch.randn(t, d, generator=g), torch.randn(4, r, d, generator=g) / d**0.5
+    b = torch.randn(4, d, r, generator=g) / r**0.5
+    gates, idxs = torch.rand(t, 2, generator=g), torch.randint(0, 4, (t, 2), generator=g)
+    got = lora_backends.AutoBackend().add(torch.zeros(t, d), x, a, b, gates, idxs)
+    want_y = lora_backends.ReferenceBackend().add(torch.zeros(t, d), x, a, b, gates, idxs)
+    assert picked == [want]
+    torch.testing.assert_close(got, want_y, atol=1e-4, rtol=1e-4)
+
+
+def _recording(add, picked: list[str], name: str):  # type: ignore[no-untyped-def]
+    def wrapped(*args):  # type: ignore[no-untyped-def]
+        picked.append(name)
+        return add(*args)
+
+    return wrapped
