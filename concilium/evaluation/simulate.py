@@ -17,11 +17,10 @@ import numpy as np
 
 from concilium.orchestrator.catalog import estimate_tokens
 from concilium.orchestrator.fusion import Vote, fuse
-from concilium.orchestrator.pipeline import gate_qualities
 from concilium.orchestrator.planning import Budget, Option, plan_cascade, plan_ensemble
 from concilium.outcomes.store import Labelled
 from concilium.outcomes.table import OutcomeTable
-from concilium.routers.base import Candidate, Query, QueryRouter, RouteDecision
+from concilium.routers.base import Candidate, Query, QueryRouter, RouteDecision, gate_qualities
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,10 +7,7 @@ satisfy the caller's objective, then executes it on an
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -36,15 +33,25 @@ from concilium.orchestrator.catalog import (
     estimate_tokens,
     priced,
 )
+from concilium.orchestrator.deadline import Deadline
 from concilium.orchestrator.encoding import BatchingEncoder
 from concilium.orchestrator.objective import Objective
 from concilium.orchestrator.planning import Budget, Option, Plan, plan_cascade, plan_ensemble
+from concilium.orchestrator.responses import (
+    encode_vector,
+    routing_headers,
+    routing_object,
+    sse_error,
+    sse_event,
+    sse_whole,
+    usage,
+)
 from concilium.orchestrator.schemas import ChatCompletionRequest, EmbeddingRequest, RoutingOptions
 from concilium.orchestrator.strategies import Ran, run_cascade, run_ensemble
 from concilium.outcomes.store import Logged, OutcomeStore
 from concilium.registry.index import TextEncoder
 from concilium.registry.registry import Registry
-from concilium.routers.base import Candidate, Query, QueryRouter, RouteDecision, softmax
+from concilium.routers.base import Candidate, Query, QueryRouter, RouteDecision, gate_qualities
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -367,9 +374,9 @@ class Orchestrator:
                 ran=ran,
             )
             self._log(routed, out.body["routing"])
-            return out.headers, _sse_whole(out.body)
+            return out.headers, sse_whole(out.body)
         entry, first, stream, tried = await self._open_stream(routed, messages, params, deadline)
-        routing = _routing_object(routed, entry, 0.0, (time.perf_counter() - t0) * 1000, tried)
+        routing = routing_object(routed, entry, 0.0, (time.perf_counter() - t0) * 1000, tried)
         events = self._sse(routed, entry, first, stream, tried, deadline, t0)
         return routing_headers(routing), events
 
@@ -400,27 +407,27 @@ class Orchestrator:
             "created": int(time.time()),
             "model": entry.spec.name,
         }
-        yield _event(meta, {"role": "assistant", "content": ""})
+        yield sse_event(meta, {"role": "assistant", "content": ""})
         item = first
         try:
             while not isinstance(item, Generation):
-                yield _event(meta, {"content": item.text})
+                yield sse_event(meta, {"content": item.text})
                 item = await deadline.run(anext(stream))
         except ExpertFailed as e:
-            yield _error_event(e.message, type(e).__name__)
+            yield sse_error(e.message, type(e).__name__)
             return
         except Exception:
             log.exception("stream of %s broke", entry.spec.name)
-            yield _error_event("internal error while streaming", "internal_error")
+            yield sse_error("internal error while streaming", "internal_error")
             return
         finally:
             await _aclose(stream)
         cost = cost_of(entry, item)
-        routing = _routing_object(routed, entry, cost, (time.perf_counter() - t0) * 1000, tried)
+        routing = routing_object(routed, entry, cost, (time.perf_counter() - t0) * 1000, tried)
         if item.routing_summary is not None:
             routing["token_routing"] = item.routing_summary
         self._log(routed, routing)
-        yield _event(meta, {}, item.finish_reason, usage=_usage(item), routing=routing)
+        yield sse_event(meta, {}, item.finish_reason, usage=usage(item), routing=routing)
         yield b"data: [DONE]\n\n"
 
     def _chat_outcome(
@@ -437,7 +444,7 @@ class Orchestrator:
         assert gen is not None
         d = routed.decision
         cost = cost_of(entry, gen) if ran is None else ran.cost
-        routing = _routing_object(routed, entry, cost, latency_ms, tried, ran=ran)
+        routing = routing_object(routed, entry, cost, latency_ms, tried, ran=ran)
         if gen.routing_summary is not None:
             routing["token_routing"] = gen.routing_summary
         body = {
@@ -452,7 +459,7 @@ class Orchestrator:
                     "message": {"role": "assistant", "content": gen.text},
                 }
             ],
-            "usage": _usage(gen),
+            "usage": usage(gen),
             "routing": routing,
         }
         return Outcome(body=body, headers=routing_headers(routing))
@@ -477,7 +484,7 @@ class Orchestrator:
         vectors = await self.backend.embed(entry.target, texts)
         tokens = sum(estimate_tokens(t) for t in texts)
         cost = tokens * entry.spec.price_in_per_1k / 1000
-        routing = _routing_object(
+        routing = routing_object(
             routed, entry, cost, (time.perf_counter() - t0) * 1000, [entry.spec.name]
         )
         self._log(routed, routing)
@@ -485,7 +492,11 @@ class Orchestrator:
             "object": "list",
             "model": entry.spec.name,
             "data": [
-                {"object": "embedding", "index": i, "embedding": _encode(v, req.encoding_format)}
+                {
+                    "object": "embedding",
+                    "index": i,
+                    "embedding": encode_vector(v, req.encoding_format),
+                }
                 for i, v in enumerate(vectors)
             ],
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
@@ -494,79 +505,10 @@ class Orchestrator:
         return Outcome(body=body, headers=routing_headers(routing))
 
 
-@dataclass(frozen=True, slots=True)
-class Deadline:
-    """When the caller stops waiting; awaiting past it cancels the expert's work (HTTP 504)."""
-
-    at: float  # time.monotonic()
-    budget_ms: float
-    field: str | None
-
-    @classmethod
-    def of(cls, opts: RoutingOptions | None, default_s: float) -> Deadline:
-        if opts is not None and opts.deadline_ms is not None:
-            return cls(
-                time.monotonic() + opts.deadline_ms / 1000, opts.deadline_ms, "routing.deadline_ms"
-            )
-        return cls(time.monotonic() + default_s, default_s * 1000, None)
-
-    async def run(self, awaitable: Any) -> Any:
-        left = self.at - time.monotonic()
-        try:
-            if left <= 0:
-                raise TimeoutError
-            return await asyncio.wait_for(awaitable, left)
-        except TimeoutError:
-            if asyncio.iscoroutine(awaitable):
-                awaitable.close()
-            raise ExpertTimeout(
-                f"request exceeded its deadline of {self.budget_ms:.0f} ms; the expert's work "
-                "was cancelled",
-                field=self.field,
-            ) from None
-
-
 def _log_failure(name: str, err: ExpertFailed, *, last_one: bool) -> None:
     log.warning(
         "expert %s failed (%s); %s", name, err, "no fallback left" if last_one else "falling back"
     )
-
-
-def _encode(vector: list[float], fmt: str) -> list[float] | str:
-    if fmt == "base64":
-        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
-    return vector
-
-
-def _usage(gen: Generation) -> dict[str, int]:
-    return {
-        "prompt_tokens": gen.prompt_tokens,
-        "completion_tokens": gen.completion_tokens,
-        "total_tokens": gen.prompt_tokens + gen.completion_tokens,
-    }
-
-
-def _event(
-    meta: dict[str, Any], delta: dict[str, Any], finish: str | None = None, **extra: Any
-) -> bytes:
-    chunk = meta | {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]} | extra
-    return f"data: {json.dumps(chunk)}\n\n".encode()
-
-
-async def _sse_whole(body: dict[str, Any]) -> AsyncIterator[bytes]:
-    """A finished chat completion as an SSE stream: role, the whole content, the final chunk."""
-    meta = {k: body[k] for k in ("id", "created", "model")} | {"object": "chat.completion.chunk"}
-    choice = body["choices"][0]
-    yield _event(meta, {"role": "assistant", "content": ""})
-    yield _event(meta, {"content": choice["message"]["content"]})
-    yield _event(meta, {}, choice["finish_reason"], usage=body["usage"], routing=body["routing"])
-    yield b"data: [DONE]\n\n"
-
-
-def _error_event(message: str, err_type: str) -> bytes:
-    """An explicit SSE error event (OpenAI clients raise it) ending a broken stream."""
-    body = {"error": {"message": message, "type": err_type, "code": None}}
-    return f"data: {json.dumps(body)}\n\n".encode()
 
 
 async def _aclose(stream: AsyncIterator[StreamItem]) -> None:
@@ -581,19 +523,6 @@ async def _aclose(stream: AsyncIterator[StreamItem]) -> None:
 def _multi(routed: Routed) -> bool:
     """Whether the request runs a multi-expert plan (a named expert always runs alone)."""
     return routed.objective.strategy != "single" and routed.decision.router != "direct"
-
-
-def gate_qualities(decision: RouteDecision) -> dict[str, float]:
-    """Per-candidate gate in [0, 1]: the router's predicted quality when it makes one, else the
-    softmax of its scores (temperature 0.05, RouterRetriever's)."""
-    pred = decision.extra.get("predicted_quality")
-    if isinstance(pred, Mapping):
-        return {str(k): float(v) for k, v in pred.items()}
-    names = list(decision.scores)
-    if not names:
-        return {}
-    probs = softmax(np.array([decision.scores[n] for n in names], dtype=np.float64), 0.05)
-    return {n: float(p) for n, p in zip(names, probs, strict=True)}
 
 
 def _refuse_unsupported(opts: RoutingOptions | None) -> None:
@@ -614,64 +543,3 @@ def _query_text(messages: Sequence[Message]) -> str:
     if not text:
         raise InvalidInput("messages contain no text to answer", field="messages")
     return text
-
-
-def _routing_object(
-    routed: Routed,
-    entry: Entry,
-    cost: float,
-    latency_ms: float,
-    tried: list[str],
-    *,
-    ran: Ran | None = None,
-) -> dict[str, Any]:
-    d = routed.decision
-    chosen = routed.candidates.get(entry.spec.name)
-    top = sorted(d.scores.items(), key=lambda kv: -kv[1])
-    out = {
-        "decision_id": d.decision_id,
-        "router": d.router,
-        "expert": entry.spec.name,
-        "experts": list(d.experts),
-        "weights": list(d.weights),
-        "confidence": round(d.confidence, 6),
-        "reason": d.reason,
-        "scores": {k: round(v, 6) for k, v in top},
-        "estimated_cost": chosen.est_cost if chosen else None,
-        "estimated_latency_ms": chosen.est_latency_ms if chosen else None,
-        "cost": cost,
-        "active_parameters": entry.candidate.params_active,
-        "latency_ms": round(latency_ms, 3),
-        "fallbacks": tried[1:],
-        "registry_version": routed.catalog.version,
-        "strategy": "single" if ran is None else ran.plan.strategy,
-    }
-    if ran is not None:
-        p = ran.plan
-        out |= {
-            "experts": list(p.experts),
-            "weights": [round(w, 6) for w in p.weights],
-            "estimated_cost": p.est_cost,
-            "estimated_latency_ms": p.est_latency_ms,
-            "active_parameters": ran.active_params,
-            "plan": {"value": round(p.value, 6), "exact": p.exact},
-            "members": [m.summary() for m in ran.members],
-            **ran.detail,
-        }
-    return out
-
-
-def routing_headers(routing: Mapping[str, Any]) -> dict[str, str]:
-    """The x-concilium-* response headers for a routing object."""
-    top5 = dict(list(routing["scores"].items())[:5])
-    return {
-        "x-concilium-decision-id": str(routing["decision_id"]),
-        "x-concilium-router": str(routing["router"]),
-        "x-concilium-expert": str(routing["expert"]),
-        "x-concilium-confidence": f"{routing['confidence']:.4f}",
-        "x-concilium-scores": json.dumps(top5, separators=(",", ":")),
-        "x-concilium-estimated-cost": f"{routing['estimated_cost'] or 0:.8g}",
-        "x-concilium-cost": f"{routing['cost']:.8g}",
-        "x-concilium-active-params": str(routing["active_parameters"] or ""),
-        "x-concilium-latency-ms": f"{routing['latency_ms']:.1f}",
-    }

@@ -21,7 +21,7 @@ from concilium.orchestrator.fusion import Vote, fuse
 from concilium.orchestrator.planning import Plan
 
 if TYPE_CHECKING:
-    from concilium.orchestrator.pipeline import Deadline
+    from concilium.orchestrator.deadline import Deadline
 
 log = logging.getLogger(__name__)
 

@@ -47,7 +47,7 @@ def mixture_plan(
     routed: Routed, tr: TokenRouting, registry: Registry, strategy: str
 ) -> tuple[Routed, TokenRoutingParams]:
     """The mixture's candidates and prior; `routed` narrowed to them (the fallback pool)."""
-    from concilium.orchestrator.pipeline import gate_qualities
+    from concilium.routers.base import gate_qualities
 
     field = "routing.token_routing"
     if strategy != "single":

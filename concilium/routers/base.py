@@ -95,6 +95,19 @@ def softmax(x: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum()
 
 
+def gate_qualities(decision: RouteDecision) -> dict[str, float]:
+    """Per-candidate gate in [0, 1]: the router's predicted quality when it makes one, else the
+    softmax of its scores (temperature 0.05, RouterRetriever's)."""
+    pred = decision.extra.get("predicted_quality")
+    if isinstance(pred, Mapping):
+        return {str(k): float(v) for k, v in pred.items()}
+    names = list(decision.scores)
+    if not names:
+        return {}
+    probs = softmax(np.array([decision.scores[n] for n in names], dtype=np.float64), 0.05)
+    return {n: float(p) for n, p in zip(names, probs, strict=True)}
+
+
 def decide(
     router: str,
     names: Sequence[str],
