@@ -12,6 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from concilium import errors as E
 from concilium.experts.base import backend_stats
@@ -241,6 +242,22 @@ def _install_metrics(app: FastAPI, service: Service) -> None:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
+def _loc(err: Any) -> str:
+    """The dotted request field of one validation error; '' for the body as a whole (a JSON
+    decode error's `loc` ends in a character position, which names no field)."""
+    if err["type"] == "json_invalid":
+        return ""
+    return ".".join(str(p) for p in err["loc"] if p != "body")
+
+
+def _msg(err: Any) -> str:
+    if err["type"] == "json_invalid":
+        pos = err["loc"][-1] if len(err["loc"]) > 1 else "?"
+        why = (err.get("ctx") or {}).get("error", "")
+        return f"not valid JSON ({why} at character {pos})"
+    return str(err["msg"])
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(E.ConciliumError)
     async def concilium_error(request: Request, exc: E.ConciliumError) -> JSONResponse:
@@ -258,17 +275,22 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         errs = exc.errors()
-
-        def loc(e: Any) -> str:
-            return ".".join(str(p) for p in e["loc"] if p != "body")
-
-        msg = "; ".join(f"{loc(e) or 'body'}: {e['msg']}" for e in errs)
+        msg = "; ".join(f"{_loc(e) or 'body'}: {_msg(e)}" for e in errs)
         return JSONResponse(
             error_body(
-                f"invalid request: {msg}", "invalid_request_error", loc(errs[0]) if errs else None
+                f"invalid request: {msg}",
+                "invalid_request_error",
+                (_loc(errs[0]) or None) if errs else None,
             ),
             status_code=400,
         )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own errors (no such route, wrong method, unreadable body) in the same
+        envelope as ours."""
+        body = error_body(str(exc.detail), "invalid_request_error")
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:

@@ -6,8 +6,22 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from concilium.registry.specs import unicode_problem
 
-class TokenRouting(BaseModel):
+
+class _Body(BaseModel):
+    """A request body part: text in any declared field must be valid Unicode (see
+    `unicode_problem`); the 400 names the field."""
+
+    @field_validator("*")
+    @classmethod
+    def _valid_unicode(cls, v: Any) -> Any:
+        if (problem := unicode_problem(v)) is not None:
+            raise ValueError(problem)
+        return v
+
+
+class TokenRouting(_Body):
     """Per-request token-level routing among adapters (served from the token-routing issue on)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -22,7 +36,7 @@ class TokenRouting(BaseModel):
     )
 
 
-class RoutingOptions(BaseModel):
+class RoutingOptions(_Body):
     """The caller's objective and routing choices (`extra_body={"routing": {...}}`)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -66,13 +80,13 @@ class RoutingOptions(BaseModel):
     )
 
 
-class ContentPart(BaseModel):
+class ContentPart(_Body):
     model_config = ConfigDict(extra="allow")
     type: str
     text: str | None = None
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_Body):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
@@ -90,7 +104,7 @@ class ChatMessage(BaseModel):
         return "".join(p.text or "" for p in self.content)
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(_Body):
     """POST /v1/chat/completions. Unknown OpenAI parameters are accepted and ignored."""
 
     model_config = ConfigDict(extra="allow")
@@ -127,7 +141,7 @@ class ChatCompletionRequest(BaseModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
-class EmbeddingRequest(BaseModel):
+class EmbeddingRequest(_Body):
     """POST /v1/embeddings."""
 
     model_config = ConfigDict(extra="allow")
@@ -142,7 +156,7 @@ class EmbeddingRequest(BaseModel):
         return [self.input] if isinstance(self.input, str) else list(self.input)
 
 
-class FeedbackRequest(BaseModel):
+class FeedbackRequest(_Body):
     """POST /v1/feedback: a quality score for an answered request, keyed by its decision id."""
 
     model_config = ConfigDict(extra="forbid")

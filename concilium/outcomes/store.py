@@ -150,7 +150,7 @@ class OutcomeStore:
             try:
                 if batch:
                     self._insert(db, batch)
-            except sqlite3.Error:
+            except Exception:  # the writer must outlive any one batch, or logging stops for good
                 log.exception("could not log %d outcomes", len(batch))
             for e in events:
                 e.set()
@@ -176,14 +176,21 @@ class OutcomeStore:
             for x in batch
         ]
         db.execute("BEGIN IMMEDIATE")
-        db.executemany("INSERT OR IGNORE INTO outcomes VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
-        excess = db.execute("SELECT COUNT(*) FROM outcomes").fetchone()[0] - self.max_rows
-        if excess > 0:  # drop the oldest unlabelled live rows first
-            db.execute(
-                "DELETE FROM outcomes WHERE decision_id IN (SELECT decision_id FROM outcomes "
-                "WHERE quality IS NULL AND source = 'live' ORDER BY ts LIMIT ?)",
-                (excess,),
+        try:
+            db.executemany(
+                "INSERT OR IGNORE INTO outcomes VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows
             )
+            excess = db.execute("SELECT COUNT(*) FROM outcomes").fetchone()[0] - self.max_rows
+            if excess > 0:  # drop the oldest unlabelled live rows first
+                db.execute(
+                    "DELETE FROM outcomes WHERE decision_id IN (SELECT decision_id FROM outcomes "
+                    "WHERE quality IS NULL AND source = 'live' ORDER BY ts LIMIT ?)",
+                    (excess,),
+                )
+        except BaseException:  # never leave the write lock held: feedback would wait on it
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
         db.execute("COMMIT")
 
     # -- feedback and reads -----------------------------------------------------------------------

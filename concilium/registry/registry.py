@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import builtins
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from concilium.errors import AdapterRejected, ExpertNotFound, SpecError
+from concilium.errors import AdapterRejected, ExpertNotFound, InvalidInput, SpecError
 from concilium.registry.artifacts import ArtifactStore
 from concilium.registry.gate_jobs import JobQueue
 from concilium.registry.index import PilotIndex, TextEncoder
@@ -225,25 +226,29 @@ class Registry:
 
         lim = self.limits
         if isinstance(spec, RemoteSpec):
-            v.validate_remote_url(spec.url, allow_private=lim.allow_private_urls)
+            with _blame("url"):
+                v.validate_remote_url(spec.url, allow_private=lim.allow_private_urls)
             return {}, None
         if isinstance(spec, ModelSpec):
-            info = v.validate_model_dir(
-                Path(spec.path), max_bytes=lim.max_model_bytes, allowed_root=lim.model_root
-            )
+            with _blame("path"):
+                info = v.validate_model_dir(
+                    Path(spec.path), max_bytes=lim.max_model_bytes, allowed_root=lim.model_root
+                )
             return {
                 "model": {"model_type": info.model_type, "num_params": info.num_params}
             }, info.path
         base = self._base_of(spec).spec
         assert isinstance(base, ModelSpec)
-        base_info = v.validate_model_dir(
-            Path(base.path), max_bytes=lim.max_model_bytes, allowed_root=lim.model_root
-        )
+        with _blame("base"):
+            base_info = v.validate_model_dir(
+                Path(base.path), max_bytes=lim.max_model_bytes, allowed_root=lim.model_root
+            )
 
         def check(path: Path) -> v.AdapterInfo:
-            return v.validate_adapter_dir(
-                path, base_info, max_rank=lim.max_rank, max_bytes=lim.max_adapter_bytes
-            )
+            with _blame("path"):
+                return v.validate_adapter_dir(
+                    path, base_info, max_rank=lim.max_rank, max_bytes=lim.max_adapter_bytes
+                )
 
         ainfo = check(Path(spec.path))
         ref = self.artifacts.put_files({f: ainfo.path / f for f in ainfo.files})
@@ -331,6 +336,17 @@ def pilot_texts(spec: AnySpec | Mapping[str, Any], cap: int = MAX_PILOTS) -> lis
 
 
 _REF_KEYS = ("adapter", "embeddings", "arrow", "phatgoose")
+
+
+@contextmanager
+def _blame(field: str) -> Iterator[None]:
+    """A validation step's errors that name no field name `field`, the spec field it checks."""
+    try:
+        yield
+    except InvalidInput as e:
+        if e.field is None:
+            e.field = field
+        raise
 
 
 def _check_train_examples(spec: AnySpec) -> None:

@@ -7,16 +7,56 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationInfo, field_validator
 
 from concilium.errors import SpecError
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 MAX_EXAMPLES = 64
 MAX_TEXT = 2000
+
+
+def unicode_problem(value: Any) -> str | None:
+    """What in `value` (a str, or lists / dicts of them) is not valid Unicode text, or None.
+
+    JSON may escape an unpaired UTF-16 surrogate (``"\\ud800"``) and Python's json module decodes it
+    into a str that no UTF-8 encoder (response bodies, SQLite, tokenizers, httpx) accepts, so such
+    text is refused where it enters, naming its place.
+    """
+    found = _surrogate(value, "")
+    if found is None:
+        return None
+    where, pos = found
+    item = f"item {where} " if where else ""
+    return f"{item}has an unpaired UTF-16 surrogate at character {pos} (not valid Unicode)"
+
+
+def _surrogate(value: Any, where: str) -> tuple[str, int] | None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return where, e.start
+        return None
+    pairs: list[tuple[str, Any]] = []
+    if isinstance(value, list | tuple):
+        pairs = [(f"{where}[{i}]", v) for i, v in enumerate(value)]
+    elif isinstance(value, dict):
+        pairs = [(f"{where}[key {k!r}]", k) for k in value]
+        pairs += [(f"{where}[{k!r}]", v) for k, v in value.items()]
+    for path, item in pairs:
+        if (found := _surrogate(item, path)) is not None:
+            return found
+    return None
+
+
+def _stored(info: ValidationInfo) -> bool:
+    """Whether a spec is being read back from the registry (see `parse_spec`)."""
+    return bool(info.context and info.context.get("stored"))
 
 
 class _SpecBase(BaseModel):
@@ -66,10 +106,25 @@ class _SpecBase(BaseModel):
         description="Optional {prompt, completion} pairs for token-router gate training.",
     )
 
+    @field_validator("*")
+    @classmethod
+    def _finite_and_unicode(cls, v: Any, info: ValidationInfo) -> Any:
+        """Numbers must be finite (JSON has no Infinity; the response would be no JSON) and text
+        valid Unicode. Rows stored before this check existed still load (`stored=True`)."""
+        if _stored(info):
+            return v
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"must be a finite number, got {v}")
+        if (problem := unicode_problem(v)) is not None:
+            raise ValueError(problem)
+        return v
+
     @field_validator("name")
     @classmethod
-    def _name_ok(cls, v: str) -> str:
-        if not NAME_RE.match(v):
+    def _name_ok(cls, v: str, info: ValidationInfo) -> str:
+        # the whole name: NAME_RE's `$` also matches before a final newline ("x\n" went into
+        # headers); a row stored before this check existed still loads
+        if not (NAME_RE.fullmatch(v) or (_stored(info) and NAME_RE.match(v))):
             raise ValueError(
                 f"name {v!r} must match {NAME_RE.pattern} (lowercase, digits, '.', '_', '-')"
             )
@@ -111,12 +166,17 @@ ExpertSpec = Annotated[ModelSpec | LoraSpec | RemoteSpec, Field(discriminator="k
 _ADAPTER: TypeAdapter[ModelSpec | LoraSpec | RemoteSpec] = TypeAdapter(ExpertSpec)
 
 
-def parse_spec(data: Any) -> ModelSpec | LoraSpec | RemoteSpec:
-    """Validate a mapping as an ExpertSpec; raise SpecError naming the bad field(s)."""
+def parse_spec(data: Any, *, stored: bool = False) -> ModelSpec | LoraSpec | RemoteSpec:
+    """Validate a mapping as an ExpertSpec; raise SpecError naming the bad field(s).
+
+    `stored`: a row read back from the registry, validated when it was written; the checks added
+    since (finite numbers, valid Unicode, no newline ending a name) are skipped so an older
+    registry stays readable.
+    """
     from pydantic import ValidationError
 
     try:
-        return _ADAPTER.validate_python(data)
+        return _ADAPTER.validate_python(data, context={"stored": stored})
     except ValidationError as e:
         locs = [_loc(err["loc"], err["type"]) for err in e.errors()]
         details = "; ".join(

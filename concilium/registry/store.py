@@ -208,7 +208,7 @@ class RegistryStore:
 def _record(row: tuple[str, str, float, int]) -> ExpertRecord:
     spec_json, art_json, created_at, version = row
     return ExpertRecord(
-        spec=parse_spec(json.loads(spec_json)),
+        spec=parse_spec(json.loads(spec_json), stored=True),
         artifacts=json.loads(art_json),
         created_at=created_at,
         version=version,
