@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import pytest
 
 from concilium.outcomes.store import Labelled
 from concilium.routers.base import Candidate, Query
@@ -79,3 +80,24 @@ def test_without_warm_the_first_request_learns_inline() -> None:
     router.attach(src)
     assert route(router) == "b" and src.reads == 1
     assert PredictiveRouter().warm(DIM) is None  # nothing attached: nothing to learn
+
+
+def test_a_failed_warm_up_is_logged_and_the_next_request_learns_inline(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Broken(GatedSource):
+        def labelled(self, dim: int) -> Labelled:
+            if self.reads == 0:
+                self.reads += 1
+                raise OSError("disk I/O error")
+            return super().labelled(dim)
+
+    src = Broken()
+    src.gate.set()
+    router = PredictiveRouter()
+    router.attach(src)
+    thread = router.warm(DIM)
+    assert thread is not None
+    thread.join(10)
+    assert "warm-up failed" in caplog.text
+    assert route(router) == "b"  # no thread died; the request loaded the rows itself

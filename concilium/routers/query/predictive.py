@@ -27,6 +27,7 @@ request after `refresh_s`, so routing improves without a restart.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -39,6 +40,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from concilium.outcomes.store import Labelled
 from concilium.routers.base import Candidate, Query, QueryRouter, RouteDecision
 from concilium.routers.query.retriever import RetrieverConfig, RetrieverRouter
+
+log = logging.getLogger(__name__)
 
 
 class OutcomeSource(Protocol):
@@ -131,6 +134,8 @@ class PredictiveRouter(QueryRouter):
                 if self.config.head != "none":
                     self._heads = {n: _Head.fit(e, q) for n, (e, q) in rows.items()}
                     self._head_version, self._head_fitted = version, time.monotonic()
+            except Exception as e:  # e.g. the store closed under it: requests reload inline
+                log.warning("predictive router: warm-up failed (%s); learning on demand", e)
             finally:
                 self._warming = self._fitting = False
 
