@@ -1,14 +1,19 @@
 """Directory checks shared by model and adapter validation: walk, link and file-type rules.
 
 Nothing here follows a symlink while walking (``lstat`` only). ``walk`` lists every file and
-symlink under a directory (capped at ``MAX_ENTRIES``); ``refuse_links`` is the adapter rule (no
+symlink under a directory (capped at ``MAX_ENTRIES``) and refuses names that are not UTF-8 (every
+rejection names files, and is sent as UTF-8 JSON); ``refuse_links`` is the adapter rule (no
 symlink at all), ``resolve_links`` the model rule (each link must resolve to a regular file inside
-a fence); ``refuse_unsafe_files`` rejects pickle-based and code files by suffix. JSON files are
-read with a size cap and parsed strictly (``safetensors_check.loads_strict``).
+a fence; loops and dangling links refused); ``refuse_unsafe_files`` rejects pickle-based and code
+files by suffix. JSON files are read with a size cap and parsed strictly
+(``safetensors_check.loads_strict``). Paths in messages go through ``shown``, so a message is
+always valid UTF-8. Links are resolved with ``os.path.realpath``: ``Path.resolve`` raises
+RuntimeError on a symlink loop on Python 3.11.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from dataclasses import dataclass
@@ -30,6 +35,7 @@ __all__ = [
     "refuse_links",
     "refuse_unsafe_files",
     "resolve_links",
+    "shown",
     "total_bytes",
     "walk",
 ]
@@ -55,15 +61,18 @@ def check_dir(path: Path, allowed_root: Path | None, what: str) -> Path:
     try:
         mode = os.lstat(path).st_mode
     except OSError:
-        raise AdapterRejected(f"{path}: {what} directory not found") from None
+        raise AdapterRejected(f"{shown(path)}: {what} directory not found") from None
+    except ValueError as e:  # a NUL byte, or a surrogate no file name can hold
+        raise AdapterRejected(f"{shown(path)!r}: not a valid file system path ({e})") from None
     if stat.S_ISLNK(mode):
-        raise AdapterRejected(f"{path}: {what} directory is a symlink; give the real path")
+        raise AdapterRejected(f"{shown(path)}: {what} directory is a symlink; give the real path")
     if not stat.S_ISDIR(mode):
-        raise AdapterRejected(f"{path}: not a directory")
+        raise AdapterRejected(f"{shown(path)}: not a directory")
     real = path.resolve()
     if allowed_root is not None and not real.is_relative_to(allowed_root.resolve()):
         raise AdapterRejected(
-            f"{path}: resolves to {real}, outside the allowed root {allowed_root.resolve()}"
+            f"{shown(path)}: resolves to {shown(real)}, outside the allowed root "
+            f"{shown(allowed_root.resolve())}"
         )
     return real
 
@@ -77,6 +86,8 @@ def walk(root: Path) -> list[Entry]:
             p = Path(item.path)
             mode, size = (st := item.stat(follow_symlinks=False)).st_mode, st.st_size
             rel = p.relative_to(root).as_posix()
+            if not _is_utf8(rel):  # every message names files, and is sent as UTF-8
+                raise AdapterRejected(f"{shown(rel)}: file name is not valid UTF-8")
             if stat.S_ISDIR(mode):
                 stack.append(p)
             elif stat.S_ISLNK(mode) or stat.S_ISREG(mode):
@@ -84,8 +95,21 @@ def walk(root: Path) -> list[Entry]:
             else:
                 raise AdapterRejected(f"{rel}: not a regular file, directory or symlink")
         if len(out) + len(stack) > MAX_ENTRIES:
-            raise AdapterRejected(f"{root}: more than {MAX_ENTRIES} entries")
+            raise AdapterRejected(f"{shown(root)}: more than {MAX_ENTRIES} entries")
     return sorted(out, key=lambda e: e.rel)
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # bytes the file system decoded as surrogate escapes
+        return False
+    return True
+
+
+def shown(name: str | Path) -> str:
+    """`name` printable as UTF-8: surrogates (undecodable bytes) written as backslash escapes."""
+    return str(name).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _scandir(d: Path) -> list[os.DirEntry[str]]:
@@ -93,7 +117,7 @@ def _scandir(d: Path) -> list[os.DirEntry[str]]:
         with os.scandir(d) as it:
             return list(it)
     except OSError as e:
-        raise AdapterRejected(f"{d}: cannot list directory ({e.strerror})") from None
+        raise AdapterRejected(f"{shown(d)}: cannot list directory ({e.strerror})") from None
 
 
 def refuse_unsafe_files(entries: list[Entry]) -> None:
@@ -110,10 +134,10 @@ def refuse_unsafe_files(entries: list[Entry]) -> None:
 def refuse_links(entries: list[Entry], root: Path) -> None:
     for e in entries:
         if e.is_link:
-            inside = e.path.resolve().is_relative_to(root)
+            inside = _realpath(e.path).is_relative_to(root)
             where = "inside the directory" if inside else "escapes the adapter directory"
             raise AdapterRejected(
-                f"{e.rel}: symlink to {os.readlink(e.path)} ({where}); "
+                f"{e.rel}: symlink to {shown(os.readlink(e.path))} ({where}); "
                 "adapter directories may not contain symlinks"
             )
 
@@ -125,24 +149,33 @@ def resolve_links(entries: list[Entry], fence: Path) -> list[Entry]:
         if not e.is_link:
             out.append(e)
             continue
-        target = e.path.resolve()
+        target = _realpath(e.path)
         if not target.is_relative_to(fence):
-            raise AdapterRejected(f"{e.rel}: symlink to {target} escapes {fence}")
+            raise AdapterRejected(f"{e.rel}: symlink to {shown(target)} escapes {shown(fence)}")
         try:
             st = os.stat(target)
-        except OSError:
-            raise AdapterRejected(f"{e.rel}: dangling symlink to {target}") from None
+        except OSError as err:
+            why = "a symlink loop" if err.errno == errno.ELOOP else "dangling"
+            raise AdapterRejected(f"{e.rel}: {why} symlink to {shown(target)}") from None
         if not stat.S_ISREG(st.st_mode):
-            raise AdapterRejected(f"{e.rel}: symlink to {target}, which is not a regular file")
+            raise AdapterRejected(
+                f"{e.rel}: symlink to {shown(target)}, which is not a regular file"
+            )
         out.append(Entry(e.rel, target, False, st.st_size))
     return out
+
+
+def _realpath(p: Path) -> Path:
+    """Where a symlink leads; unlike Path.resolve on Python 3.11, a loop does not raise."""
+    return Path(os.path.realpath(p))
 
 
 def total_bytes(path: Path, entries: list[Entry], max_bytes: int) -> int:
     total = sum(e.size for e in entries)
     if total > max_bytes:
         raise AdapterRejected(
-            f"{path}: {total} bytes in {len(entries)} files exceeds the size cap of {max_bytes}"
+            f"{shown(path)}: {total} bytes in {len(entries)} files exceeds the size cap of "
+            f"{max_bytes}"
         )
     return total
 

@@ -1,13 +1,19 @@
 """The strict model of a PEFT LoRA ``adapter_config.json``, and the checks run on it.
 
 ``LoraAdapterConfig`` accepts only the keys PEFT (0.17-0.21) writes for LoRA; keys naming features
-concilium does not run must be null, false or empty. Strings PEFT would treat as regexes must be
-plain module names, ranks must be within the cap, and every target must match a linear layer of
-the base model. ``parse_config`` returns the ``LoraPlan`` the adapter's tensor checks need.
+concilium does not run must be null or the value PEFT writes when the feature is off (false for
+flags, ``{}`` for loftq_config): PEFT turns any other value on, an empty ``{}`` sub-config included,
+or fails on it. ``init_lora_weights`` must be one that leaves the base model alone (PiSSA and OLoRA
+rewrite the shared base's weights when PEFT loads the adapter). Strings PEFT would treat as regexes
+must be plain module names, ranks must be within the cap, and every target must match a linear
+layer of the base model. ``parse_config`` returns the ``LoraPlan`` the adapter's tensor checks
+need; it selects modules and ranks exactly as PEFT's ``check_target_module_exists`` and
+``get_pattern_key`` do, ``layers_to_transform`` / ``layers_pattern`` included.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -15,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from concilium.errors import AdapterRejected
+from concilium.registry.fs_checks import shown
 
 if TYPE_CHECKING:
     from concilium.registry.validate import ModelInfo
@@ -46,6 +53,10 @@ _UNSUPPORTED: dict[str, str] = {
     "monteclora_config": "MonteCLoRA is not supported",
     "velora_config": "VeLoRA is not supported",
 }
+# the value PEFT writes for a feature that is off, where that is not None
+_OFF_VALUES: dict[str, Any] = {"use_dora": False, "use_qalora": False, "lora_bias": False}
+_OFF_VALUES["loftq_config"] = {}
+SAFE_INITS = (True, False, "gaussian")  # inits that touch only lora_A / lora_B, overwritten on load
 TaskType = Literal[
     "CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"
 ]
@@ -107,10 +118,21 @@ class LoraAdapterConfig(BaseModel):
 
 
 def _selects(module: str, names: tuple[str, ...], exact: bool) -> bool:
-    """PEFT's rule: a str target full-matches the module path; list items match a path suffix."""
+    """PEFT's rule: a str target is a pattern the module path full-matches (plain by then, so
+    only '.' is special); list items match the path or a '.'-suffix of it."""
     if exact:
-        return module in names
+        return any(re.fullmatch(n, module) for n in names)
     return any(module == n or module.endswith("." + n) for n in names)
+
+
+def _layer_index(module: str, patterns: tuple[str, ...]) -> int | None:
+    """The layer number PEFT reads from a module path for `layers_to_transform`."""
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+    else:
+        hits = (re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module) for p in patterns)
+        match = next((m for m in hits if m), None)
+    return int(match["idx"]) if match else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,14 +146,23 @@ class LoraPlan:
     exclude: tuple[str, ...]
     exclude_exact: bool
     rank_pattern: tuple[tuple[str, int], ...]
+    layers: tuple[int, ...] | None = None  # layers_to_transform; None: every layer
+    layers_pattern: tuple[str, ...] = ()
 
     def selects(self, module: str) -> bool:
-        return _selects(module, self.targets, self.exact) and not _selects(
-            module, self.exclude, self.exclude_exact
-        )
+        """PEFT's check_target_module_exists: excluded, exact, then suffix within `layers`."""
+        if _selects(module, self.exclude, self.exclude_exact):
+            return False
+        if self.exact or module in self.targets:
+            return _selects(module, self.targets, self.exact)
+        if not _selects(module, self.targets, False):
+            return False
+        return self.layers is None or _layer_index(module, self.layers_pattern) in self.layers
 
     def rank_for(self, module: str) -> int:
-        return next((r for k, r in self.rank_pattern if _selects(module, (k,), False)), self.rank)
+        """PEFT's get_pattern_key: the first rank_pattern key the path ends with, as a pattern."""
+        hits = (r for k, r in self.rank_pattern if re.match(rf"(.*\.)?({k})$", module))
+        return next(hits, self.rank)
 
 
 def parse_config(raw: Any, base: ModelInfo, max_rank: int) -> LoraPlan:
@@ -141,11 +172,10 @@ def parse_config(raw: Any, base: ModelInfo, max_rank: int) -> LoraPlan:
         cfg = LoraAdapterConfig.model_validate(raw)
     except ValidationError as e:
         raise AdapterRejected(f"{ADAPTER_CONFIG}: {_pydantic_errors(e)}") from None
-    for key, reason in _UNSUPPORTED.items():
-        if value := getattr(cfg, key):
-            raise AdapterRejected(f"{ADAPTER_CONFIG}: {key}={_short(value)} refused: {reason}")
+    _check_unsupported(cfg)
     _check_auto_mapping(cfg.auto_mapping)
     _check_plain_names(cfg)
+    _check_layers(cfg)
     _check_ranks(cfg, max_rank)
     plan = LoraPlan(
         rank=cfg.r,
@@ -155,9 +185,51 @@ def parse_config(raw: Any, base: ModelInfo, max_rank: int) -> LoraPlan:
         exclude=_names(cfg.exclude_modules),
         exclude_exact=isinstance(cfg.exclude_modules, str),
         rank_pattern=tuple(cfg.rank_pattern.items()),
+        layers=_layers(cfg.layers_to_transform),
+        layers_pattern=_names(cfg.layers_pattern or None),
     )
     _check_targets_exist(plan, base)
     return plan
+
+
+def _check_unsupported(cfg: LoraAdapterConfig) -> None:
+    """Features we do not run must be off the way PEFT writes them; `{}` would turn one on."""
+    for key, reason in _UNSUPPORTED.items():
+        value, off = getattr(cfg, key), _OFF_VALUES.get(key)
+        if value is not None and not (type(value) is type(off) and value == off):
+            allowed = "null" if off is None else f"null or {json.dumps(off)}"
+            raise AdapterRejected(
+                f"{ADAPTER_CONFIG}: {key}={_short(value)} refused: {reason} (must be {allowed})"
+            )
+    if cfg.init_lora_weights not in SAFE_INITS:
+        raise AdapterRejected(
+            f"{ADAPTER_CONFIG}: init_lora_weights={cfg.init_lora_weights!r} refused: only true, "
+            "false or 'gaussian' (PiSSA and OLoRA rewrite the base model's weights when PEFT "
+            "loads the adapter; MiCA, EVA, CorDA, LoftQ, LoRA-GA and orthogonal are not supported)"
+        )
+
+
+def _check_layers(cfg: LoraAdapterConfig) -> None:
+    """The combinations PEFT's LoraConfig refuses at load time."""
+    if isinstance(cfg.target_modules, str) and (
+        cfg.layers_to_transform is not None or cfg.layers_pattern is not None
+    ):
+        raise AdapterRejected(
+            f"{ADAPTER_CONFIG}: layers_to_transform / layers_pattern need target_modules to be "
+            f"a list, not the pattern {cfg.target_modules!r}"
+        )
+    if cfg.layers_pattern and cfg.layers_to_transform is None:
+        raise AdapterRejected(
+            f"{ADAPTER_CONFIG}: layers_pattern={_short(cfg.layers_pattern)} needs "
+            "layers_to_transform"
+        )
+
+
+def _layers(value: int | list[int] | None) -> tuple[int, ...] | None:
+    """layers_to_transform as PEFT uses it: None or [] mean every layer."""
+    if isinstance(value, int):
+        return (value,)
+    return tuple(value) if value else None
 
 
 def _check_auto_mapping(value: Any) -> None:
@@ -191,6 +263,7 @@ def _check_plain_names(cfg: LoraAdapterConfig) -> None:
     for key in ("target_modules", "exclude_modules"):
         if isinstance(value := getattr(cfg, key), str):
             regexes.append((key, value))
+    regexes += [("layers_pattern", p) for p in _names(cfg.layers_pattern)]
     for key, name in regexes:
         if not _PLAIN_NAME.fullmatch(name):
             raise AdapterRejected(
@@ -213,7 +286,7 @@ def _check_targets_exist(plan: LoraPlan, base: ModelInfo) -> None:
         if not any(_selects(m, (t,), plan.exact) for m in base.linear_shapes):
             raise AdapterRejected(
                 f"{ADAPTER_CONFIG}: target module {t!r} matches no linear layer of the base "
-                f"model at {base.path}"
+                f"model at {shown(base.path)}"
             )
 
 

@@ -7,6 +7,12 @@ pickle renamed ``.safetensors``, a truncated file or a header that points outsid
 with a message naming the file and the tensor, and the safetensors library only ever sees a file
 that already parses.
 
+The JSON must be what a strict parser (serde_json, in the safetensors library) reads the same way:
+no duplicate keys, NaN, unpaired ``\\udXXX`` surrogate escapes or ``-0``; and a shape whose non-zero
+dims multiply past 64-bit sizes is refused even when a zero dim makes the tensor empty (torch's
+sizes and strides are int64). The fuzz tests check that the library loads whatever passes here
+with the same table.
+
 Dtypes: adapters carry floating weights only (``ADAPTER_DTYPES``: F32, F16, BF16). Model directories
 may also hold integer and bool buffers (``MODEL_DTYPES``), e.g. BERT's I64 ``position_ids``.
 """
@@ -26,6 +32,9 @@ from concilium.errors import AdapterRejected
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 MAX_NDIM = 8
+# torch's sizes and strides are int64: a shape whose non-zero dims multiply past this (in bytes)
+# breaks the loaders even when a zero dim makes the tensor empty
+MAX_TENSOR_BYTES = 2**63 - 1
 DTYPE_SIZES = {
     "F32": 4,
     "F16": 2,
@@ -187,15 +196,55 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def loads_strict(label: str, raw: bytes, what: str) -> Any:
-    """json.loads that refuses duplicate keys, NaN/Infinity and bad UTF-8, as AdapterRejected."""
+    """json.loads that refuses duplicate keys, NaN/Infinity, bad UTF-8 and unpaired surrogate
+    escapes, as AdapterRejected."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise AdapterRejected(f"{label}: {what} is not valid UTF-8 (byte {e.start})") from None
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+        obj = json.loads(
+            text,
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_reject_constant,
+            parse_int=_parse_int,
+        )
     except (ValueError, RecursionError) as e:
         raise AdapterRejected(f"{label}: {what} is not valid JSON ({e})") from None
+    if "\\u" in text and (bad := _lone_surrogate(obj)) is not None:
+        raise AdapterRejected(
+            f"{label}: {what} string {bad[:40]!r} has an unpaired UTF-16 surrogate escape "
+            "(not valid Unicode)"
+        )
+    return obj
+
+
+def _parse_int(digits: str) -> int:
+    """JSON `-0` is a float to strict parsers (serde_json, so the safetensors library)."""
+    if digits.startswith("-") and not digits.strip("-0"):
+        raise ValueError(f"{digits} is a negative zero, not an integer")
+    return int(digits)
+
+
+def _lone_surrogate(obj: Any) -> str | None:
+    """The first string (key or value) in a parsed JSON value that is not valid Unicode.
+
+    Python's json decodes a lone ``\\udXXX`` escape into a str no UTF-8 encoder accepts; strict
+    parsers refuse it. Walks iteratively: the value may be nested as deep as json allowed."""
+    stack = [obj]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend(v)
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, str) and not v.isascii():
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return v
+    return None
 
 
 def _json_object(label: str, raw: bytes) -> dict[str, Any]:
@@ -225,7 +274,7 @@ def _tensor_entry(
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", _OFFSETS}:
         raise AdapterRejected(f"{where}: entry must have exactly dtype, shape and {_OFFSETS}")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry[_OFFSETS]
-    if dtype not in allowed_dtypes:
+    if not isinstance(dtype, str) or dtype not in allowed_dtypes:
         raise AdapterRejected(
             f"{where}: dtype {dtype!r} not allowed (allowed: {', '.join(sorted(allowed_dtypes))})"
         )
@@ -233,6 +282,8 @@ def _tensor_entry(
         raise AdapterRejected(f"{where}: shape {shape!r} must be a list of non-negative ints")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_nat, offsets)):
         raise AdapterRejected(f"{where}: {_OFFSETS} {offsets!r} must be [begin, end] ints")
+    if prod(d for d in shape if d) * DTYPE_SIZES[dtype] > MAX_TENSOR_BYTES:
+        raise AdapterRejected(f"{where}: shape {shape} of {dtype} overflows 64-bit sizes")
     begin, end = offsets
     need = prod(shape) * DTYPE_SIZES[dtype]
     if end - begin != need:

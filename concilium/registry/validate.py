@@ -19,6 +19,7 @@ Decisions worth knowing:
 * Pickle-based files (.bin .pt .pth .pkl .pickle .ckpt .joblib .npy .npz) and code files (.py .pyc
   .so) anywhere in either directory reject it, even beside a good safetensors file.
 * Adapter tensors may be F32/F16/BF16 only; model weights may also hold integer/bool buffers.
+* Every name in either directory must be UTF-8: rejections name files and are sent as UTF-8.
 * `total_bytes` is the size of every regular file in the directory: what the size cap applies to.
 * A remote host name that does not resolve at registration is accepted (the endpoint may come up
   later); one that resolves to a forbidden address is refused. Resolution can be changed after
@@ -40,6 +41,7 @@ from concilium.registry.fs_checks import (
     refuse_links,
     refuse_unsafe_files,
     resolve_links,
+    shown,
     total_bytes,
     walk,
 )
@@ -137,7 +139,7 @@ def validate_model_dir(
 
 def _model_config(by_rel: dict[str, Entry], path: Path) -> dict[str, Any]:
     if "config.json" not in by_rel:
-        raise AdapterRejected(f"{path}: missing config.json")
+        raise AdapterRejected(f"{shown(path)}: missing config.json")
     config = json_object(by_rel["config.json"])
     _refuse_remote_code("config.json", config)
     if "tokenizer_config.json" in by_rel:
@@ -192,7 +194,7 @@ def _model_tensors(entries: list[Entry], path: Path, max_bytes: int) -> dict[str
             raise AdapterRejected(f"{e.rel}: tensor {min(dup)!r} also appears in another file")
         tensors.update(header)
     if not tensors:
-        raise AdapterRejected(f"{path}: no *.safetensors weights at the top level")
+        raise AdapterRejected(f"{shown(path)}: no *.safetensors weights at the top level")
     return tensors
 
 
@@ -224,7 +226,8 @@ def validate_adapter_dir(
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if name not in by_rel:
             raise AdapterRejected(
-                f"{path}: missing {name} (a LoRA adapter is {ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})"
+                f"{shown(path)}: missing {name} "
+                f"(a LoRA adapter is {ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})"
             )
     total = total_bytes(path, entries, max_bytes)
     plan = parse_config(load_json(by_rel[ADAPTER_CONFIG]), base, max_rank)
@@ -279,7 +282,10 @@ def _check_module(
     if module not in base.linear_shapes:
         raise AdapterRejected(f"{where} is not a linear layer of the base model")
     if not plan.selects(module):
-        raise AdapterRejected(f"{where} is not selected by target_modules {list(plan.targets)}")
+        layers = f", layers_to_transform {list(plan.layers)}" if plan.layers is not None else ""
+        raise AdapterRejected(
+            f"{where} is not selected by target_modules {list(plan.targets)}{layers}"
+        )
     for part, other in (("A", "B"), ("B", "A")):
         if part not in parts:
             raise AdapterRejected(f"{where} has lora_{other} but no lora_{part}")
