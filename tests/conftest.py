@@ -6,7 +6,9 @@ import asyncio
 import hashlib
 import os
 import re
-from collections.abc import AsyncIterator, Sequence
+import signal
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -135,3 +137,20 @@ def pilot_query(manifest: dict, skill: str) -> tuple[str, str]:  # type: ignore[
 
     query = next(e for e in manifest["experts"] if e["name"] == skill)["examples"][0]
     return query, skill_by_name(skill).solve(split_query(query)[1])
+
+
+@contextmanager
+def no_hang(seconds: float, what: str = "the call") -> Iterator[None]:
+    """Fail (instead of blocking the run) when the block takes longer than `seconds` (SIGALRM:
+    main thread only)."""
+
+    def alarm(signum: int, frame: object) -> None:
+        raise TimeoutError(f"{what} hung for more than {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -33,29 +32,11 @@ from concilium.orchestrator.schemas import (
 from concilium.orchestrator.service import build_service
 from concilium.registry.specs import NAME_RE, LoraSpec, ModelSpec, RemoteSpec
 from tests.conftest import FakeBackend, HashEncoder, remote_spec
+from tests.conftest import no_hang as shared_no_hang
+from tests.orchestrator.test_http import EXPERTS
 
 ADMIN = {"Authorization": "Bearer s3cret"}
 JSON_CT = {"content-type": "application/json"}
-EXPERTS = [
-    remote_spec(
-        "reverse",
-        ["reverse the word", "spell the word backwards"],
-        price_in_per_1k=0.1,
-        price_out_per_1k=0.2,
-        params_active=1000,
-        expected_latency_ms=200,
-        categories=["strings"],
-    ),
-    remote_spec(
-        "math",
-        ["add the numbers", "what is the sum of numbers"],
-        price_in_per_1k=1.0,
-        price_out_per_1k=2.0,
-        expected_latency_ms=900,
-        categories=["arithmetic"],
-    ),
-    remote_spec("embedder", ["embed text"], task="embed"),
-]
 FIXED = {s["name"] for s in EXPERTS}
 SPEC_FIELDS = {f for m in (ModelSpec, LoraSpec, RemoteSpec) for f in m.model_fields}
 FUZZ = settings(
@@ -355,20 +336,9 @@ content_types = st.sampled_from(
 # -- checks -------------------------------------------------------------------------------------
 
 
-@contextmanager
-def no_hang(seconds: float = HANG_S) -> Iterator[None]:
+def no_hang(seconds: float = HANG_S) -> AbstractContextManager[None]:
     """Fail (instead of blocking the run) when one request takes longer than `seconds`."""
-
-    def alarm(signum: int, frame: object) -> None:
-        raise TimeoutError(f"request hung for more than {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+    return shared_no_hang(seconds, "one request")
 
 
 def send(c: TestClient, method: str, path: str, body: Any = None, **kw: Any) -> Response:

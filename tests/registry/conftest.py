@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from concilium.registry.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -56,3 +61,47 @@ def tiny_moe(tmp_path_factory: pytest.TempPathFactory) -> TinyMoe:
     lora_dir = tmp_path_factory.mktemp("tiny_lora")
     peft_model.save_pretrained(lora_dir)
     return TinyMoe(base_dir, lora_dir, num_params, lora_params)
+
+
+def refuse_unpickling(mp: pytest.MonkeyPatch, calls: list[str]) -> None:
+    """Replace every way to unpickle (pickle.load/loads/Unpickler, torch.load) by a recorder
+    that also refuses."""
+    import pickle
+
+    import torch
+
+    def spy(name: str) -> Callable[..., Any]:
+        def refuse(*args: Any, **kwargs: Any) -> Any:
+            calls.append(name)
+            raise AssertionError(f"{name} called during validation")
+
+        return refuse
+
+    mp.setattr(pickle, "loads", spy("pickle.loads"))
+    mp.setattr(pickle, "load", spy("pickle.load"))
+    mp.setattr(pickle, "Unpickler", spy("pickle.Unpickler"))
+    mp.setattr(torch, "load", spy("torch.load"))
+
+
+def tiny_registry(home: Path, tiny_moe: TinyMoe) -> Registry:
+    """A registry in `home` with the tiny base registered as model expert 'tiny'."""
+    from concilium.orchestrator.service import arrow_artifacts
+    from concilium.registry.registry import Registry
+    from tests.conftest import HashEncoder
+
+    reg = Registry(
+        home,
+        HashEncoder(),
+        profiler=lambda spec, d: {"latency_ms_per_token": 2.0, "latency_ms_overhead": 5.0},
+        adapter_routing=arrow_artifacts,
+    )
+    reg.register(
+        {
+            "kind": "model",
+            "name": "tiny",
+            "path": str(tiny_moe.base_dir),
+            "description": "tiny base",
+            "params_total": tiny_moe.num_params,
+        }
+    )
+    return reg

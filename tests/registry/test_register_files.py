@@ -10,29 +10,11 @@ import pytest
 
 from concilium.errors import AdapterRejected, Conflict
 from concilium.registry.registry import Registry
-from tests.conftest import HashEncoder
-from tests.registry.conftest import TinyMoe
+from tests.registry.conftest import TinyMoe, tiny_registry
 
 
 def _registry(tmp_path: Path, tiny_moe: TinyMoe) -> Registry:
-    from concilium.orchestrator.service import arrow_artifacts
-
-    reg = Registry(
-        tmp_path / "home",
-        HashEncoder(),
-        profiler=lambda spec, d: {"latency_ms_per_token": 2.0, "latency_ms_overhead": 5.0},
-        adapter_routing=arrow_artifacts,
-    )
-    reg.register(
-        {
-            "kind": "model",
-            "name": "tiny",
-            "path": str(tiny_moe.base_dir),
-            "description": "tiny base",
-            "params_total": tiny_moe.num_params,
-        }
-    )
-    return reg
+    return tiny_registry(tmp_path / "home", tiny_moe)
 
 
 def test_lora_is_copied_content_addressed_with_profile(tmp_path: Path, tiny_moe: TinyMoe) -> None:

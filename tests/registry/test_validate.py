@@ -27,7 +27,7 @@ from concilium.registry.validate import (
     validate_remote_url,
 )
 
-from .conftest import TinyMoe
+from .conftest import TinyMoe, refuse_unpickling
 
 CFG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -59,18 +59,7 @@ def model_copy(tiny_moe: TinyMoe, tmp_path: Path) -> Path:
 def pickle_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     """Every way to unpickle, replaced by a recorder that also refuses."""
     calls: list[str] = []
-
-    def spy(name: str) -> Callable[..., Any]:
-        def refuse(*args: Any, **kwargs: Any) -> Any:
-            calls.append(name)
-            raise AssertionError(f"{name} called during validation")
-
-        return refuse
-
-    monkeypatch.setattr(pickle, "loads", spy("pickle.loads"))
-    monkeypatch.setattr(pickle, "load", spy("pickle.load"))
-    monkeypatch.setattr(pickle, "Unpickler", spy("pickle.Unpickler"))
-    monkeypatch.setattr(torch, "load", spy("torch.load"))
+    refuse_unpickling(monkeypatch, calls)
     yield calls
 
 

@@ -21,14 +21,13 @@ import json
 import os
 import pickle
 import shutil
-import signal
 import stat
 import struct
 import tempfile
 import tracemalloc
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from math import prod
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -59,9 +58,9 @@ from concilium.registry.validate import (
     validate_adapter_dir,
     validate_model_dir,
 )
-from tests.conftest import HashEncoder
+from tests.conftest import no_hang as shared_no_hang
 
-from .conftest import TinyMoe
+from .conftest import TinyMoe, refuse_unpickling, tiny_registry
 
 CFG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -114,19 +113,8 @@ def unpickling(base: ModelInfo) -> Iterator[list[str]]:
     Module-scoped so it holds across hypothesis examples; `base` first, so the session's tiny
     model is built before the patch."""
     calls: list[str] = []
-
-    def spy(name: str) -> Callable[..., Any]:
-        def refuse(*args: Any, **kwargs: Any) -> Any:
-            calls.append(name)
-            raise AssertionError(f"{name} called during validation")
-
-        return refuse
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pickle, "loads", spy("pickle.loads"))
-        mp.setattr(pickle, "load", spy("pickle.load"))
-        mp.setattr(pickle, "Unpickler", spy("pickle.Unpickler"))
-        mp.setattr(torch, "load", spy("torch.load"))
+        refuse_unpickling(mp, calls)
         yield calls
 
 
@@ -136,20 +124,9 @@ def never_unpickled(unpickling: list[str]) -> Iterator[None]:
     assert unpickling == []
 
 
-@contextmanager
-def no_hang(seconds: float = HANG_S) -> Iterator[None]:
+def no_hang(seconds: float = HANG_S) -> AbstractContextManager[None]:
     """Fail (instead of blocking the run) when one validation takes longer than `seconds`."""
-
-    def alarm(signum: int, frame: object) -> None:
-        raise TimeoutError(f"validation hung for more than {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+    return shared_no_hang(seconds, "one validation")
 
 
 @contextmanager
@@ -870,23 +847,7 @@ def test_adapter_dir_mutations(tiny_moe: TinyMoe, base: ModelInfo, ops: list[Op]
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory, tiny_moe: TinyMoe) -> Registry:
     """A registry with the tiny base, built the way test_register_files.py builds one."""
-    from concilium.orchestrator.service import arrow_artifacts
-
-    reg = Registry(
-        tmp_path_factory.mktemp("fuzz-home"),
-        HashEncoder(),
-        profiler=lambda spec, d: {"latency_ms_per_token": 2.0, "latency_ms_overhead": 5.0},
-        adapter_routing=arrow_artifacts,
-    )
-    reg.register(
-        {
-            "kind": "model",
-            "name": "tiny",
-            "path": str(tiny_moe.base_dir),
-            "params_total": tiny_moe.num_params,
-        }
-    )
-    return reg
+    return tiny_registry(tmp_path_factory.mktemp("fuzz-home"), tiny_moe)
 
 
 _names = itertools.count()
