@@ -139,15 +139,29 @@ def main() -> int:
                     print(f"round {r} {name:>9}: {rps:8.1f} req/s  p50 {p50:7.2f} ms")
                     if name not in best or rps > best[name][0]:
                         best[name] = (rps, p50)
+            alone = one_client(urls, 50 if args.quick else 300)
     finally:
         serve.shutdown()
         ray.shutdown()
-    return report(best, n, rounds, args)
+    return report(best, alone, n, rounds, args)
 
 
-def report(best: dict[str, tuple[float, float]], n: int, rounds: int, args: Any) -> int:
+def one_client(urls: dict[str, str], n: int) -> dict[str, float]:
+    """p50 ms of each app with a single client (no queueing), in alternating blocks of 25."""
+    lat: dict[str, list[float]] = {name: [] for name in urls}
+    for block in range(max(1, n // 25)):
+        for name, url in urls.items():
+            _, got = asyncio.run(load(url, 25, 1, f"Reverse: alone{block}"))
+            lat[name] += got
+    return {name: statistics.median(v) * 1000 for name, v in lat.items()}
+
+
+def report(
+    best: dict[str, tuple[float, float]], alone: dict[str, float], n: int, rounds: int, args: Any
+) -> int:
     (b_rps, b_p50), (c_rps, c_p50) = best["bare"], best["concilium"]
     ratio, added = c_rps / b_rps, c_p50 - b_p50
+    added_alone = alone["concilium"] - alone["bare"]
     lines = [
         f"# Gateway overhead ({'quick' if args.quick else 'full'} run)",
         "",
@@ -160,6 +174,10 @@ def report(best: dict[str, tuple[float, float]], n: int, rounds: int, args: Any)
         f"| bare Ray Serve ingress -> deployment | {b_rps:.1f} | {b_p50:.2f} |",
         f"| concilium gateway (routing) -> deployment | {c_rps:.1f} | {c_p50:.2f} |",
         f"| ratio / difference | {ratio:.2f}x | {added:+.2f} ms |",
+        "",
+        "One client at a time (no queueing), p50 over alternating blocks of 25 requests: bare "
+        f"{alone['bare']:.2f} ms, concilium {alone['concilium']:.2f} ms ({added_alone:+.2f} ms "
+        "per request: routing, query encoding, the routing object; reported, not a target).",
         "",
     ]
     text = "\n".join(lines)
