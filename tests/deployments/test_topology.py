@@ -14,3 +14,16 @@ def test_access_logs_are_off_unless_asked_for_in_every_deployment() -> None:
             assert deployment_options(s, dep)["logging_config"] == {"enable_access_log": want}
     opts = deployment_options(quiet.expert("demo-moe"), quiet)
     assert opts["ray_actor_options"] == {"num_cpus": 0.5} and opts["max_queued_requests"] == 256
+
+
+def test_demo_yaml_is_a_valid_serve_deploy_config_without_access_logs() -> None:
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    assert schema.logging_config is not None and schema.logging_config.enable_access_log is False
+    (app,) = schema.applications
+    assert app.import_path == "concilium.deployments.builder:app_builder"
