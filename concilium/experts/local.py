@@ -74,8 +74,12 @@ class LocalCausalLM:
         self.model: Any = model.eval()
         from concilium.experts.moe.replica import prepare
 
-        calibration = self.tokenizer(CALIBRATION_TEXT, return_tensors="pt").input_ids
-        self.moe = prepare(self.model, moe or MoEOptions(), calibration)
+        moe = moe or MoEOptions()
+        tiered = moe.resident_experts is not None and moe.pin_super_experts
+        calibration = (
+            self.tokenizer(CALIBRATION_TEXT, return_tensors="pt").input_ids if tiered else None
+        )
+        self.moe = prepare(self.model, moe, calibration)
         if engine not in ("mixture", "peft"):
             raise InvalidInput(f"engine {engine!r}: expected 'mixture' or 'peft'")
         self.engine = engine
