@@ -41,7 +41,7 @@ class MoEOptions:
 
 @dataclass(slots=True)
 class MoESetup:
-    """What `prepare` did to the model: the kernel patch and the tiering, each optional."""
+    """What `prepare` did to the model: the kernel patch or the tiering (or neither)."""
 
     patch: PatchReport | None = None
     tiers: TierReport | None = None
@@ -82,7 +82,8 @@ class MoESetup:
 
 
 def prepare(model: Any, options: MoEOptions, calibration_ids: Any = None) -> MoESetup:
-    """Patch `model`'s supported MoE experts onto our kernels and tier them as `options` say.
+    """Patch `model`'s supported MoE experts onto our kernels, or tier them (`resident_experts`:
+    the tiered layers fetch each expert from the cache and run it themselves), as `options` say.
 
     `calibration_ids` [1, T] token ids find the super experts to pin (needed when
     `resident_experts` and `pin_super_experts` are set). A model with no supported MoE experts
@@ -98,12 +99,12 @@ def prepare(model: Any, options: MoEOptions, calibration_ids: Any = None) -> MoE
             )
         return MoESetup()
     setup = MoESetup()
-    if options.backend is not None:
+    if options.resident_experts is not None:  # tiered layers run their own loop: no patch
+        _tier(model, options, calibration_ids, setup)
+    elif options.backend is not None:
         from concilium.experts.moe.patching import patch
 
         setup.patch = patch(model, backend=options.backend)
-    if options.resident_experts is not None:
-        _tier(model, options, calibration_ids, setup)
     return setup
 
 
