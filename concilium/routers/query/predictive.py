@@ -132,8 +132,8 @@ class PredictiveRouter(QueryRouter):
                     self._checked = time.monotonic()
                     self._warming = False
                 if self.config.head != "none":
-                    self._heads = {n: _Head.fit(e, q) for n, (e, q) in rows.items()}
-                    self._head_version, self._head_fitted = version, time.monotonic()
+                    self._head_fitted = time.monotonic()
+                    self._fit_heads(rows, version)
             except Exception as e:  # e.g. the store closed under it: requests reload inline
                 log.warning("predictive router: warm-up failed (%s); learning on demand", e)
             finally:
@@ -223,8 +223,7 @@ class PredictiveRouter(QueryRouter):
 
         def fit() -> None:
             try:
-                self._heads = {n: _Head.fit(e, q) for n, (e, q) in rows.items()}
-                self._head_version = version
+                self._fit_heads(rows, version)
             finally:
                 self._fitting = False
 
@@ -232,6 +231,13 @@ class PredictiveRouter(QueryRouter):
             fit()
         else:
             threading.Thread(target=fit, name="predictive-head-fit", daemon=True).start()
+
+    def _fit_heads(
+        self, rows: dict[str, tuple[np.ndarray, np.ndarray]], version: int | None
+    ) -> None:
+        """One logistic head per expert with labelled rows; `version` is the rows' store version."""
+        self._heads = {n: _Head.fit(e, q) for n, (e, q) in rows.items()}
+        self._head_version = version
 
 
 class _Head:
