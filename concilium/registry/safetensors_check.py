@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from concilium.errors import AdapterRejected
+from concilium.registry.specs import invalid_text
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 MAX_NDIM = 8
@@ -211,9 +212,9 @@ def loads_strict(label: str, raw: bytes, what: str) -> Any:
         )
     except (ValueError, RecursionError) as e:
         raise AdapterRejected(f"{label}: {what} is not valid JSON ({e})") from None
-    if "\\u" in text and (bad := _lone_surrogate(obj)) is not None:
+    if "\\u" in text and (bad := invalid_text(obj)) is not None:
         raise AdapterRejected(
-            f"{label}: {what} string {bad[:40]!r} has an unpaired UTF-16 surrogate escape "
+            f"{label}: {what} string {bad[1][:40]!r} has an unpaired UTF-16 surrogate escape "
             "(not valid Unicode)"
         )
     return obj
@@ -224,27 +225,6 @@ def _parse_int(digits: str) -> int:
     if digits.startswith("-") and not digits.strip("-0"):
         raise ValueError(f"{digits} is a negative zero, not an integer")
     return int(digits)
-
-
-def _lone_surrogate(obj: Any) -> str | None:
-    """The first string (key or value) in a parsed JSON value that is not valid Unicode.
-
-    Python's json decodes a lone ``\\udXXX`` escape into a str no UTF-8 encoder accepts; strict
-    parsers refuse it. Walks iteratively: the value may be nested as deep as json allowed."""
-    stack = [obj]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, dict):
-            stack.extend(v)
-            stack.extend(v.values())
-        elif isinstance(v, list):
-            stack.extend(v)
-        elif isinstance(v, str) and not v.isascii():
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError:
-                return v
-    return None
 
 
 def _json_object(label: str, raw: bytes) -> dict[str, Any]:

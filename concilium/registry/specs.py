@@ -27,30 +27,34 @@ def unicode_problem(value: Any) -> str | None:
     into a str that no UTF-8 encoder (response bodies, SQLite, tokenizers, httpx) accepts, so such
     text is refused where it enters, naming its place.
     """
-    found = _surrogate(value, "")
+    found = invalid_text(value)
     if found is None:
         return None
-    where, pos = found
+    where, _, pos = found
     item = f"item {where} " if where else ""
     return f"{item}has an unpaired UTF-16 surrogate at character {pos} (not valid Unicode)"
 
 
-def _surrogate(value: Any, where: str) -> tuple[str, int] | None:
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as e:
-            return where, e.start
-        return None
-    pairs: list[tuple[str, Any]] = []
-    if isinstance(value, list | tuple):
-        pairs = [(f"{where}[{i}]", v) for i, v in enumerate(value)]
-    elif isinstance(value, dict):
-        pairs = [(f"{where}[key {k!r}]", k) for k in value]
-        pairs += [(f"{where}[{k!r}]", v) for k, v in value.items()]
-    for path, item in pairs:
-        if (found := _surrogate(item, path)) is not None:
-            return found
+def invalid_text(value: Any) -> tuple[str, str, int] | None:
+    """The first string (a dict key or value, in order) in `value` — a str, or lists / tuples /
+    dicts of them nested to any depth — that UTF-8 cannot encode: (where, the string, the
+    position of its first bad character); None when every string is valid Unicode."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        where, v = stack.pop()
+        if isinstance(v, str):
+            if v.isascii():
+                continue
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return where, v, e.start
+        elif isinstance(v, list | tuple):
+            stack.extend(reversed([(f"{where}[{i}]", x) for i, x in enumerate(v)]))
+        elif isinstance(v, dict):
+            pairs = [(f"{where}[key {k!r}]", k) for k in v]
+            pairs += [(f"{where}[{k!r}]", x) for k, x in v.items()]
+            stack.extend(reversed(pairs))
     return None
 
 
