@@ -11,63 +11,38 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 
-from concilium.errors import (
-    ExpertFailed,
-    ExpertTimeout,
-    InvalidInput,
-    ObjectiveUnsatisfiable,
-    UnknownModel,
-)
+from concilium.errors import ExpertFailed, ExpertTimeout, InvalidInput
 from concilium.experts.base import ExpertBackend, Generation, GenParams, Message, StreamItem
 from concilium.orchestrator import token_plan
-from concilium.orchestrator.catalog import (
-    Catalog,
-    CatalogCache,
-    Entry,
-    cost_of,
-    estimate_tokens,
-    priced,
-)
+from concilium.orchestrator.catalog import CatalogCache, Entry, cost_of, estimate_tokens
 from concilium.orchestrator.deadline import Deadline
 from concilium.orchestrator.encoding import BatchingEncoder
 from concilium.orchestrator.objective import Objective
-from concilium.orchestrator.planning import Budget, Option, Plan, plan_cascade, plan_ensemble
+from concilium.orchestrator.planning import Plan
 from concilium.orchestrator.responses import (
-    encode_vector,
+    chat_body,
+    embeddings_body,
     routing_headers,
     routing_object,
-    sse_error,
-    sse_event,
     sse_whole,
-    usage,
 )
+from concilium.orchestrator.routing import QueryRouting, Routed
 from concilium.orchestrator.schemas import ChatCompletionRequest, EmbeddingRequest, RoutingOptions
-from concilium.orchestrator.strategies import Ran, run_cascade, run_ensemble
+from concilium.orchestrator.strategies import Ran, plan_for, run_cascade, run_ensemble
+from concilium.orchestrator.streaming import sse_chunks
 from concilium.outcomes.store import Logged, OutcomeStore
 from concilium.registry.index import TextEncoder
 from concilium.registry.registry import Registry
-from concilium.routers.base import Candidate, Query, QueryRouter, RouteDecision, gate_qualities
+from concilium.routers.base import QueryRouter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 DEFAULT_CASCADE_THRESHOLD = -0.1  # mean token log-probability a cascade stage must reach
-
-
-@dataclass(frozen=True, slots=True)
-class Routed:
-    """A decision plus the candidates it was made over (the fallback pool)."""
-
-    decision: RouteDecision
-    candidates: dict[str, Candidate]
-    catalog: Catalog
-    objective: Objective = field(default_factory=Objective)
-    embedding: np.ndarray | None = None
-    text: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,117 +70,20 @@ class Orchestrator:
         cascade_threshold: float = DEFAULT_CASCADE_THRESHOLD,
         cascade_adequacy: float = 0.5,
     ) -> None:
-        if default_router not in routers:
-            raise InvalidInput(f"default router {default_router!r} is not among {sorted(routers)}")
         self.registry, self.backend, self.encoder = registry, backend, encoder
-        self.routers = dict(routers)
-        self.default_router = default_router
+        self.catalogs = CatalogCache(registry, refresh_s=refresh_s)
+        self.routing = QueryRouting(
+            self.catalogs, encoder, routers, default_router, default_max_tokens
+        )
+        self.route = self.routing.route  # the routing step alone (CLI `route`, evaluation)
+        self.routers, self.default_router = self.routing.routers, default_router
         self.default_max_tokens = default_max_tokens
         self.max_fallbacks = max_fallbacks
         self.request_timeout_s = request_timeout_s
         self.outcomes = outcomes
         self.cascade_threshold = cascade_threshold
         self.cascade_adequacy = cascade_adequacy
-        self.catalogs = CatalogCache(registry, refresh_s=refresh_s)
         self.query_encoder = BatchingEncoder(encoder)
-        self._prepared: dict[str, int] = {}
-
-    # -- routing (pure decision; also used by the CLI `route` command) ---------------------------
-    def route(
-        self,
-        text: str,
-        *,
-        model: str = "auto",
-        objective: Objective | None = None,
-        task: str = "generate",
-        max_tokens: int | None = None,
-        embedding: np.ndarray | None = None,
-    ) -> Routed:
-        objective = objective or Objective()
-        catalog = self.catalogs.get()
-        max_tokens = max_tokens or self.default_max_tokens
-        try:
-            router, direct = self._resolve(model, catalog, task)
-        except UnknownModel:
-            # registered a moment ago (through another process)? look now, not at the next refresh
-            self.catalogs.invalidate()
-            if (fresh := self.catalogs.get()) is catalog:
-                raise
-            catalog = fresh
-            router, direct = self._resolve(model, catalog, task)
-        pool = [
-            priced(e, estimate_tokens(text), max_tokens)
-            for e in (direct if direct is not None else catalog.of_task(task))
-        ]
-        if not pool:
-            raise ObjectiveUnsatisfiable(f"no {task} expert is registered", field="model")
-        cands = objective.filter(pool, catalog.names())
-        if router is None:
-            c = cands[0]
-            decision = RouteDecision(
-                router="direct",
-                experts=(c.name,),
-                weights=(1.0,),
-                scores={c.name: 1.0},
-                confidence=1.0,
-                reason=f"model {model!r} requested",
-            )
-        else:
-            self._prepare(router, catalog, task)
-            if embedding is None:
-                embedding = self.encoder.encode([text])[0]
-            query = Query(text=text, embedding=embedding, quality_weight=objective.quality_weight)
-            decision = router.route(query, cands)
-        return Routed(decision, {c.name: c for c in cands}, catalog, objective, embedding, text)
-
-    def _resolve(
-        self, model: str, catalog: Catalog, task: str
-    ) -> tuple[QueryRouter | None, list[Entry] | None]:
-        if model == "auto":
-            return self.routers[self.default_router], None
-        if model.startswith("router-"):
-            name = model.removeprefix("router-")
-            if name not in self.routers:
-                raise UnknownModel(
-                    f"model {model!r}: no router {name!r} (routers: {sorted(self.routers)})",
-                    field="model",
-                )
-            return self.routers[name], None
-        name = model
-        if model.endswith(":" + token_plan.MIXTURE):
-            base = model.removesuffix(":" + token_plan.MIXTURE)
-            adapters = [e for e in catalog.of_task(task) if e.candidate.base == base]
-            if not adapters:
-                raise UnknownModel(
-                    f"model {model!r}: {base!r} is not a base model with registered adapters",
-                    field="model",
-                )
-            return self.routers[self.default_router], adapters
-        if ":" in model:
-            base, _, name = model.partition(":")
-            e = catalog.entries.get(name)
-            if e is None or e.candidate.base != base:
-                raise UnknownModel(
-                    f"model {model!r}: {name!r} is not an adapter of {base!r}", field="model"
-                )
-        entry = catalog.entries.get(name)
-        if entry is None:
-            raise UnknownModel(
-                f"model {model!r} is not a registered expert, 'auto' or "
-                f"'router-<name>' (routers: {sorted(self.routers)})",
-                field="model",
-            )
-        if entry.spec.task != task:
-            raise InvalidInput(
-                f"model {model!r} is a {entry.spec.task} expert, not {task}", field="model"
-            )
-        return None, [entry]
-
-    def _prepare(self, router: QueryRouter, catalog: Catalog, task: str) -> None:
-        key = f"{id(router)}:{task}"
-        if self._prepared.get(key) != catalog.version:
-            router.prepare([e.candidate for e in catalog.of_task(task)])
-            self._prepared[key] = catalog.version
 
     # -- execution ------------------------------------------------------------------------------
     async def chat(self, req: ChatCompletionRequest) -> Outcome:
@@ -228,26 +106,7 @@ class Orchestrator:
     # -- multi-expert plans (ensemble, cascade) ---------------------------------------------------
     def plan(self, routed: Routed) -> Plan:
         """The ensemble or cascade for a routed request, inside its objective's budget."""
-        obj = routed.objective
-        gates = gate_qualities(routed.decision)
-        options = [
-            Option(n, gates.get(n, 0.0), c.est_cost, c.est_latency_ms, c.est_energy_j)
-            for n, c in routed.candidates.items()
-        ]
-        budget = Budget(
-            max_cost=obj.max_cost,
-            max_latency_ms=obj.max_latency_ms,
-            max_energy_j=obj.max_energy_j,
-            max_experts=obj.max_experts,
-            quality_weight=1.0 if obj.quality_weight is None else obj.quality_weight,
-        )
-        if obj.strategy == "ensemble":
-            plan = plan_ensemble(options, budget)
-        else:
-            plan = plan_cascade(options, budget, adequacy=self.cascade_adequacy)
-        if plan is None:  # the objective filter admitted every candidate alone: cannot happen
-            raise ObjectiveUnsatisfiable("no expert fits the request's budget", field="routing")
-        return plan
+        return plan_for(routed, self.cascade_adequacy)
 
     async def _run_plan(
         self, routed: Routed, messages: list[Message], params: GenParams, deadline: Deadline
@@ -377,7 +236,9 @@ class Orchestrator:
             return out.headers, sse_whole(out.body)
         entry, first, stream, tried = await self._open_stream(routed, messages, params, deadline)
         routing = routing_object(routed, entry, 0.0, (time.perf_counter() - t0) * 1000, tried)
-        events = self._sse(routed, entry, first, stream, tried, deadline, t0)
+        events = sse_chunks(
+            routed, entry, first, stream, tried, deadline, t0, lambda r: self._log(routed, r)
+        )
         return routing_headers(routing), events
 
     async def _open_stream(
@@ -389,46 +250,6 @@ class Orchestrator:
 
         entry, (stream, first), tried = await self._first_answer(routed, deadline, first_piece)
         return entry, first, stream, tried
-
-    async def _sse(
-        self,
-        routed: Routed,
-        entry: Entry,
-        first: StreamItem,
-        stream: AsyncIterator[StreamItem],
-        tried: list[str],
-        deadline: Deadline,
-        t0: float,
-    ) -> AsyncIterator[bytes]:
-        d = routed.decision
-        meta = {
-            "id": f"chatcmpl-{d.decision_id}",
-            "object": "chat.completion.chunk",
-            "created": int(time.time()),
-            "model": entry.spec.name,
-        }
-        yield sse_event(meta, {"role": "assistant", "content": ""})
-        item = first
-        try:
-            while not isinstance(item, Generation):
-                yield sse_event(meta, {"content": item.text})
-                item = await deadline.run(anext(stream))
-        except ExpertFailed as e:
-            yield sse_error(e.message, type(e).__name__)
-            return
-        except Exception:
-            log.exception("stream of %s broke", entry.spec.name)
-            yield sse_error("internal error while streaming", "internal_error")
-            return
-        finally:
-            await _aclose(stream)
-        cost = cost_of(entry, item)
-        routing = routing_object(routed, entry, cost, (time.perf_counter() - t0) * 1000, tried)
-        if item.routing_summary is not None:
-            routing["token_routing"] = item.routing_summary
-        self._log(routed, routing)
-        yield sse_event(meta, {}, item.finish_reason, usage=usage(item), routing=routing)
-        yield b"data: [DONE]\n\n"
 
     def _chat_outcome(
         self,
@@ -442,26 +263,11 @@ class Orchestrator:
         ran: Ran | None = None,
     ) -> Outcome:
         assert gen is not None
-        d = routed.decision
         cost = cost_of(entry, gen) if ran is None else ran.cost
         routing = routing_object(routed, entry, cost, latency_ms, tried, ran=ran)
         if gen.routing_summary is not None:
             routing["token_routing"] = gen.routing_summary
-        body = {
-            "id": f"chatcmpl-{d.decision_id}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": entry.spec.name,
-            "choices": [
-                {
-                    "index": 0,
-                    "finish_reason": gen.finish_reason,
-                    "message": {"role": "assistant", "content": gen.text},
-                }
-            ],
-            "usage": usage(gen),
-            "routing": routing,
-        }
+        body = chat_body(routed, entry, gen, routing)
         return Outcome(body=body, headers=routing_headers(routing))
 
     async def embeddings(self, req: EmbeddingRequest) -> Outcome:
@@ -488,20 +294,7 @@ class Orchestrator:
             routed, entry, cost, (time.perf_counter() - t0) * 1000, [entry.spec.name]
         )
         self._log(routed, routing)
-        body = {
-            "object": "list",
-            "model": entry.spec.name,
-            "data": [
-                {
-                    "object": "embedding",
-                    "index": i,
-                    "embedding": encode_vector(v, req.encoding_format),
-                }
-                for i, v in enumerate(vectors)
-            ],
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-            "routing": routing,
-        }
+        body = embeddings_body(entry, vectors, req.encoding_format, tokens, routing)
         return Outcome(body=body, headers=routing_headers(routing))
 
 
@@ -509,15 +302,6 @@ def _log_failure(name: str, err: ExpertFailed, *, last_one: bool) -> None:
     log.warning(
         "expert %s failed (%s); %s", name, err, "no fallback left" if last_one else "falling back"
     )
-
-
-async def _aclose(stream: AsyncIterator[StreamItem]) -> None:
-    close = getattr(stream, "aclose", None)
-    if close is not None:
-        try:
-            await close()
-        except Exception as e:  # a stream that died while closing: nothing left to cancel
-            log.debug("closing an expert stream failed: %s", e)
 
 
 def _multi(routed: Routed) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +15,7 @@ from concilium.experts.base import Generation
 
 if TYPE_CHECKING:
     from concilium.orchestrator.catalog import Entry
-    from concilium.orchestrator.pipeline import Routed
+    from concilium.orchestrator.routing import Routed
     from concilium.orchestrator.strategies import Ran
 
 
@@ -113,4 +114,41 @@ def routing_headers(routing: Mapping[str, Any]) -> dict[str, str]:
         "x-concilium-cost": f"{routing['cost']:.8g}",
         "x-concilium-active-params": str(routing["active_parameters"] or ""),
         "x-concilium-latency-ms": f"{routing['latency_ms']:.1f}",
+    }
+
+
+def chat_body(
+    routed: Routed, entry: Entry, gen: Generation, routing: dict[str, Any]
+) -> dict[str, Any]:
+    """A whole chat completion with its routing object."""
+    return {
+        "id": f"chatcmpl-{routed.decision.decision_id}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": entry.spec.name,
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": gen.finish_reason,
+                "message": {"role": "assistant", "content": gen.text},
+            }
+        ],
+        "usage": usage(gen),
+        "routing": routing,
+    }
+
+
+def embeddings_body(
+    entry: Entry, vectors: list[list[float]], fmt: str, tokens: int, routing: dict[str, Any]
+) -> dict[str, Any]:
+    """An embeddings list in `fmt` (float or base64) with its routing object."""
+    return {
+        "object": "list",
+        "model": entry.spec.name,
+        "data": [
+            {"object": "embedding", "index": i, "embedding": encode_vector(v, fmt)}
+            for i, v in enumerate(vectors)
+        ],
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        "routing": routing,
     }

@@ -14,14 +14,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from concilium.errors import ExpertFailed, ExpertTimeout
+from concilium.errors import ExpertFailed, ExpertTimeout, ObjectiveUnsatisfiable
 from concilium.experts.base import ExpertBackend, Generation, GenParams, Message
 from concilium.orchestrator.catalog import Entry, cost_of
 from concilium.orchestrator.fusion import Vote, fuse
-from concilium.orchestrator.planning import Plan
+from concilium.orchestrator.planning import Budget, Option, Plan, plan_cascade, plan_ensemble
+from concilium.routers.base import gate_qualities
 
 if TYPE_CHECKING:
     from concilium.orchestrator.deadline import Deadline
+    from concilium.orchestrator.routing import Routed
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,30 @@ class Ran:
     def active_params(self) -> int | None:
         ps = [m.entry.candidate.params_active for m in self.members if m.generation is not None]
         return None if not ps or any(p is None for p in ps) else sum(p or 0 for p in ps)
+
+
+def plan_for(routed: Routed, adequacy: float) -> Plan:
+    """The ensemble or cascade for a routed request, inside its objective's budget."""
+    obj = routed.objective
+    gates = gate_qualities(routed.decision)
+    options = [
+        Option(n, gates.get(n, 0.0), c.est_cost, c.est_latency_ms, c.est_energy_j)
+        for n, c in routed.candidates.items()
+    ]
+    budget = Budget(
+        max_cost=obj.max_cost,
+        max_latency_ms=obj.max_latency_ms,
+        max_energy_j=obj.max_energy_j,
+        max_experts=obj.max_experts,
+        quality_weight=1.0 if obj.quality_weight is None else obj.quality_weight,
+    )
+    if obj.strategy == "ensemble":
+        plan = plan_ensemble(options, budget)
+    else:
+        plan = plan_cascade(options, budget, adequacy=adequacy)
+    if plan is None:  # the objective filter admitted every candidate alone: cannot happen
+        raise ObjectiveUnsatisfiable("no expert fits the request's budget", field="routing")
+    return plan
 
 
 async def run_ensemble(

@@ -18,7 +18,7 @@ from concilium.experts.base import TokenRoutingParams
 from concilium.orchestrator.schemas import RoutingOptions, TokenRouting
 
 if TYPE_CHECKING:
-    from concilium.orchestrator.pipeline import Routed
+    from concilium.orchestrator.routing import Routed
     from concilium.registry.registry import Registry
 
 MIXTURE = "mixture"  # model "<base>:mixture"
