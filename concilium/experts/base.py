@@ -32,6 +32,31 @@ class TokenRoutingParams:
 
 
 @dataclass(frozen=True, slots=True)
+class LogitFusionParams:
+    """An ensemble of one model's adapters fused at the logit level inside one replica (MoE²).
+
+    Every member decodes the same prompt as its own row of one mixed-adapter batch; at each step
+    the next token is chosen from the gate-weighted mixture of the members' distributions,
+    p(y) = Σₖ wₖ·pₖ(y), and fed to every member. ``members`` are (adapter name, adapter dir), or
+    None for the model itself without an adapter; ``weights`` are aligned with them (normalised
+    by the runtime).
+    """
+
+    members: tuple[tuple[str, str] | None, ...]
+    weights: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.members) != len(self.weights) or not self.members:
+            raise ValueError("logit fusion needs one weight per member and at least one member")
+        if any(not (w >= 0) for w in self.weights) or not sum(self.weights) > 0:
+            raise ValueError(f"logit fusion weights must be >= 0 and not all 0: {self.weights}")
+
+    def adapters(self) -> list[tuple[str, str]]:
+        """(name, dir) of the members that are adapters."""
+        return [m for m in self.members if m is not None]
+
+
+@dataclass(frozen=True, slots=True)
 class GenParams:
     """Sampling parameters of one generation (and its token-level mixture, if any)."""
 
@@ -42,6 +67,7 @@ class GenParams:
     seed: int | None = None
     min_tokens: int = 0  # end-of-sequence is suppressed until this many tokens
     token_routing: TokenRoutingParams | None = None  # set: a per-token mixture of adapters
+    fusion: LogitFusionParams | None = None  # set: a logit-level ensemble of adapters
 
 
 @dataclass(frozen=True, slots=True)

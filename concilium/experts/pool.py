@@ -59,9 +59,12 @@ async def stream_local(lm: LocalCausalLM, request: GenRequest) -> AsyncIterator[
 
 
 def needed_adapters(target: Target, params: GenParams) -> list[tuple[str, str]]:
-    """(name, dir) of the adapters a request runs on: a mixture's candidates, else its adapter."""
+    """(name, dir) of the adapters a request runs on: a mixture's candidates, a logit-level
+    ensemble's members, else its adapter."""
     if params.token_routing is not None:
         return list(params.token_routing.adapters)
+    if params.fusion is not None:
+        return params.fusion.adapters()
     if target.adapter is None:
         return []
     if target.adapter_path is None:

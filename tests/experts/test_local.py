@@ -141,7 +141,7 @@ def test_mixture_engine_matches_peft_logits_and_text(pack: dict) -> None:  # typ
     ids = tok(["Reverse this word: abc"], return_tensors="pt")["input_ids"]
     logits = {}
     for e, lm in lms.items():
-        from concilium.experts.local import _adapter_kwargs
+        from concilium.experts.decode import _adapter_kwargs
 
         kw = _adapter_kwargs(lm, [GenRequest([], GenParams(), experts[1]["name"])])
         with torch.inference_mode():
