@@ -57,6 +57,11 @@ class StrategyConfig(BaseModel):
         le=1,
         description="Cascade stages: experts whose gate is at least this share of the best.",
     )
+    fusion: Literal["vote", "logits"] = Field(
+        default="vote",
+        description="Ensemble fusion when the request does not say (routing.fusion): 'vote' "
+        "over the answers, or 'logits' for members that are adapters of one local model.",
+    )
 
 
 class ScalingConfig(BaseModel):

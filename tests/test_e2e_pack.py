@@ -115,3 +115,40 @@ def test_token_level_mixture_through_the_gateway(setup: tuple) -> None:  # type:
         },
     )
     assert r.status_code == 400 and r.json()["error"]["param"] == "routing.token_routing"
+
+
+def test_ensemble_fused_at_the_logit_level(setup: tuple) -> None:  # type: ignore[type-arg]
+    client, manifest, rows, svc = setup
+    from concilium.experts.base import GenParams, LogitFusionParams
+
+    query = next(r["query"] for r in rows if r["skill"] == "reverse")
+    body = _ask(
+        client,
+        query,
+        max_tokens=16,
+        routing={"strategy": "ensemble", "fusion": "logits", "max_experts": 3},
+    )
+    routing = body["routing"]
+    experts = routing["experts"]
+    assert len(experts) >= 2, routing  # a plan of one would fuse nothing
+    assert routing["logit_fused"] == [experts]  # every member is on the demo base: one call
+    members = routing["members"]
+    assert [m["expert"] for m in members] == experts and all(m["ok"] for m in members)
+    assert len({m["mean_logprob"] for m in members}) == 1  # one generation, shared
+    assert routing["cost"] == pytest.approx(sum(m["cost"] for m in members))
+    # the answer is the decode loop's mixture of exactly those adapters with the plan's weights
+    lm = svc.backend.model(Path(svc.config.pack) / manifest["base"]["path"])
+    path = {e["name"]: str(Path(svc.config.pack) / e["path"]) for e in manifest["experts"]}
+    mix = LogitFusionParams(
+        tuple(None if n == manifest["base"]["name"] else (n, path[n]) for n in experts),
+        tuple(routing["weights"]),
+    )
+    msgs = [{"role": "user", "content": query}]
+    want = lm.generate(msgs, GenParams(max_tokens=16, fusion=mix)).text
+    assert body["choices"][0]["message"]["content"] == want
+    # fusion is an ensemble's: any other strategy refuses it, naming the field
+    r = client.post(
+        "/v1/chat/completions",
+        json={"messages": msgs, "routing": {"fusion": "logits"}},
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "routing.fusion"

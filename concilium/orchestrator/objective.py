@@ -24,11 +24,18 @@ class Objective:
     quality_weight: float | None = None  # None: the router's default
     strategy: str = "single"
     max_experts: int = 1
+    fusion: str | None = None  # ensembles: "vote" | "logits"; None = the service's default
 
     @classmethod
     def from_options(cls, opts: RoutingOptions | None) -> Objective:
         if opts is None:
             return cls()
+        if opts.fusion is not None and opts.strategy != "ensemble":
+            raise InvalidInput(
+                f"routing.fusion fuses an ensemble's members; routing.strategy is "
+                f"{opts.strategy!r} (use 'ensemble')",
+                field="routing.fusion",
+            )
         return cls(
             max_cost=opts.max_cost,
             max_latency_ms=opts.max_latency_ms,
@@ -37,6 +44,7 @@ class Objective:
             excluded=frozenset(opts.excluded_experts),
             quality_weight=opts.quality_weight,
             strategy=opts.strategy,
+            fusion=opts.fusion,
             max_experts=1
             if opts.strategy == "single"
             else (opts.max_experts or DEFAULT_MAX_EXPERTS),

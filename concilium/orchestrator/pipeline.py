@@ -69,6 +69,7 @@ class Orchestrator:
         outcomes: OutcomeStore | None = None,
         cascade_threshold: float = DEFAULT_CASCADE_THRESHOLD,
         cascade_adequacy: float = 0.5,
+        fusion: str = "vote",
     ) -> None:
         self.registry, self.backend, self.encoder = registry, backend, encoder
         self.catalogs = CatalogCache(registry, refresh_s=refresh_s)
@@ -83,6 +84,7 @@ class Orchestrator:
         self.outcomes = outcomes
         self.cascade_threshold = cascade_threshold
         self.cascade_adequacy = cascade_adequacy
+        self.fusion = fusion  # ensembles' default: "vote" | "logits"
         self.query_encoder = BatchingEncoder(encoder)
 
     # -- execution ------------------------------------------------------------------------------
@@ -114,7 +116,10 @@ class Orchestrator:
         plan = self.plan(routed)
         entries = [routed.catalog.entries[n] for n in plan.experts]
         if plan.strategy == "ensemble":
-            return await run_ensemble(self.backend, entries, plan, messages, params, deadline)
+            fusion = routed.objective.fusion or self.fusion
+            return await run_ensemble(
+                self.backend, entries, plan, messages, params, deadline, fusion
+            )
         return await run_cascade(
             self.backend, entries, plan, messages, params, deadline, self.cascade_threshold
         )

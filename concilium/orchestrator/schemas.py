@@ -64,6 +64,13 @@ class RoutingOptions(_Body):
         le=16,
         description="Experts an ensemble or cascade may run (default 3; single always runs 1).",
     )
+    fusion: Literal["vote", "logits"] | None = Field(
+        default=None,
+        description="How an ensemble's answers are fused: 'vote' (gate-weighted vote over the "
+        "answers) or 'logits' (members that are adapters of one local model decode together in "
+        "one replica, each token chosen from their gate-weighted mixture). Default: the "
+        "service's strategies.fusion.",
+    )
     allowed_experts: list[str] | None = Field(
         default=None, description="Only these experts may answer (and be fallen back to)."
     )

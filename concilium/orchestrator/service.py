@@ -140,6 +140,7 @@ def build_service(
         outcomes=outcomes,
         cascade_threshold=config.strategies.cascade_threshold,
         cascade_adequacy=config.strategies.cascade_adequacy,
+        fusion=config.strategies.fusion,
     )
     if seed:
         seed_registry(registry, config)

@@ -8,6 +8,7 @@ request's deadline. A member that fails is left out of the fusion (ensemble) or 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -15,7 +16,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from concilium.errors import ExpertFailed, ExpertTimeout, ObjectiveUnsatisfiable
-from concilium.experts.base import ExpertBackend, Generation, GenParams, Message
+from concilium.experts.base import (
+    ExpertBackend,
+    Generation,
+    GenParams,
+    LogitFusionParams,
+    Message,
+    Target,
+)
 from concilium.orchestrator.catalog import Entry, cost_of
 from concilium.orchestrator.fusion import Vote, fuse
 from concilium.orchestrator.planning import Budget, Option, Plan, plan_cascade, plan_ensemble
@@ -109,23 +117,30 @@ async def run_ensemble(
     messages: list[Message],
     params: GenParams,
     deadline: Deadline,
+    fusion: str = "vote",
 ) -> Ran:
-    """Every member in parallel, then a gate-weighted vote over the answers."""
+    """Every member in parallel, then a gate-weighted vote over the answers. With fusion
+    "logits", members that are adapters of one local model (or the model itself) run as one
+    logit-level ensemble in one replica; its answer is every such member's vote."""
+    calls = _calls(entries, plan.weights, params, fusion)
     results = await asyncio.gather(
-        *(deadline.run(backend.chat(e.target, messages, params)) for e in entries),
+        *(deadline.run(backend.chat(target, messages, p)) for _, target, p in calls),
         return_exceptions=True,
     )
-    members: list[Member] = []
-    for e, gate, r in zip(entries, plan.weights, results, strict=True):
+    slots: list[Member | None] = [None] * len(entries)
+    for (idx, _, _), r in zip(calls, results, strict=True):
         if isinstance(r, ExpertTimeout):
             raise r
-        if isinstance(r, ExpertFailed):
-            log.warning("ensemble member %s failed: %s", e.spec.name, r)
-            members.append(Member(e, gate, error=r.message))
-        elif isinstance(r, BaseException):
+        if isinstance(r, BaseException) and not isinstance(r, ExpertFailed):
             raise r
-        else:
-            members.append(Member(e, gate, generation=r))
+        for i in idx:
+            e, gate = entries[i], plan.weights[i]
+            if isinstance(r, ExpertFailed):
+                log.warning("ensemble member %s failed: %s", e.spec.name, r)
+                slots[i] = Member(e, gate, error=r.message)
+            else:
+                slots[i] = Member(e, gate, generation=r)
+    members = [m for m in slots if m is not None]
     ok = [i for i, m in enumerate(members) if m.generation is not None]
     if not ok:
         raise ExpertFailed(
@@ -142,12 +157,45 @@ async def run_ensemble(
         for i in ok
     ]
     fused = fuse(votes)
-    detail = {
+    detail: dict[str, Any] = {
         "fusion": fused.mode,
         "support": round(fused.support, 6),
         "distinct_answers": len(fused.tallies),
     }
+    if fusion == "logits":
+        detail["logit_fused"] = [[entries[i].spec.name for i in idx] for idx, _, _ in calls]
     return Ran(plan, tuple(members), ok[fused.winner], detail)
+
+
+def _calls(
+    entries: Sequence[Entry], gates: Sequence[float], params: GenParams, fusion: str
+) -> list[tuple[list[int], Target, GenParams]]:
+    """(members, target, params) of each call an ensemble makes: one per member, or, with
+    fusion "logits", one per local model for the members it runs (a logit-level ensemble)."""
+    groups: dict[tuple[str | None, ...], list[int]] = {}
+    for i, e in enumerate(entries):
+        t = e.target
+        local = t.remote is None and t.model_path is not None
+        fusable = fusion == "logits" and local and (t.adapter is None or t.adapter_path is not None)
+        groups.setdefault((t.model, t.model_path) if fusable else (str(i),), []).append(i)
+    calls = []
+    for idx in groups.values():
+        if len(idx) == 1:
+            calls.append((idx, entries[idx[0]].target, params))
+            continue
+        lead = max(idx, key=lambda i: gates[i])  # its adapter picks the replica (affinity)
+        weights = [max(gates[i], 0.0) for i in idx]
+        members = tuple(_fusion_member(entries[i].target) for i in idx)
+        mix = LogitFusionParams(members, tuple(weights if sum(weights) > 0 else [1.0] * len(idx)))
+        calls.append((idx, entries[lead].target, dataclasses.replace(params, fusion=mix)))
+    return calls
+
+
+def _fusion_member(t: Target) -> tuple[str, str] | None:
+    if t.adapter is None:
+        return None  # the model itself, no adapter
+    assert t.adapter_path is not None
+    return t.adapter, t.adapter_path
 
 
 async def run_cascade(
