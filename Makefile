@@ -37,7 +37,7 @@ check: install
 	$(BIN)/mypy
 
 BENCHES := routing_quality multi_adapter_serving gateway_overhead moe_lora moe_ffn \
-	moe_generation token_routing_quality retrieval_routing
+	moe_generation token_routing_quality retrieval_routing logit_fusion
 
 bench: install pack
 	for b in $(BENCHES); do $(BIN)/python benchmarks/$$b.py || exit 1; done
