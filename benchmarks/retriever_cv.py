@@ -8,9 +8,11 @@ weight) in a grid. The held-out evaluation queries (``heldout.jsonl``) are never
 
     python benchmarks/retriever_cv.py [--pack demo_pack]
 
+Both query-pilot similarities are in the grid: the sentence embeddings' cosine and late
+interaction (ColBERT's MaxSim over the MiniLM token embeddings, from the same forward).
 Prints the grid and writes it to ``benchmarks/results/retriever_cv.md``; the routers' defaults
-(softmax τ = 0.1, description weight 0.25) come from this table. No TARGET lines: this selects a
-setting, the targets are `routing_quality.py`'s.
+(similarity, aggregate, τ, description weight) come from this table. No TARGET lines: this selects
+a setting, the targets are `routing_quality.py`'s.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from concilium.experts.embedder import SentenceEncoder  # noqa: E402
 from concilium.orchestrator.service import load_manifest  # noqa: E402
+from concilium.registry.index import pack_tokens  # noqa: E402
 from concilium.registry.registry import pilot_texts  # noqa: E402
 from concilium.routers.base import Candidate, Query  # noqa: E402
 from concilium.routers.query.retriever import RetrieverConfig, RetrieverRouter  # noqa: E402
@@ -38,6 +41,7 @@ GRID: list[dict[str, object]] = [
     {"aggregate": "softmax", "pilot_temperature": 0.2},
 ]
 WEIGHTS = (0.0, 0.25, 0.5, 1.0)
+SIMILARITIES = ("sentence", "late_interaction")
 
 
 def phrasing(text: str) -> str:
@@ -55,26 +59,41 @@ def main() -> int:
     enc = SentenceEncoder()
     names = [e["name"] for e in experts]
     texts = {e["name"]: pilot_texts(e) for e in experts}
-    vecs = {n: enc.encode(t) for n, t in texts.items()}
+    encoded = {n: enc.encode_with_tokens(t) for n, t in texts.items()}
+    vecs = {n: v for n, (v, _) in encoded.items()}
+    toks = {n: t for n, (_, t) in encoded.items()}
     desc = {e["name"]: enc.encode([e.get("description") or e["name"]])[0] for e in experts}
     groups = sorted({(n, phrasing(t)) for n, ts in texts.items() for t in ts})
-    results: dict[tuple[str, float], list[int]] = {}
+    results: dict[tuple[str, str, float], list[int]] = {}
     for n_out, ph in groups:
         cands = []
         for n in names:
             keep = [i for i, t in enumerate(texts[n]) if phrasing(t) != ph]
-            cands.append(Candidate(n, "lora", "generate", vecs[n][keep], desc[n]))
+            flat, offsets = pack_tokens([toks[n][i] for i in keep])
+            cands.append(
+                Candidate(
+                    n,
+                    "lora",
+                    "generate",
+                    vecs[n][keep],
+                    desc[n],
+                    pilot_tokens=flat,
+                    pilot_token_offsets=offsets,
+                )
+            )
         q_idx = [i for i, t in enumerate(texts[n_out]) if phrasing(t) == ph]
-        for cfg in GRID:
-            for w in WEIGHTS:
-                router = RetrieverRouter(RetrieverConfig(**cfg, description_weight=w))  # type: ignore[arg-type]
-                router.prepare(cands)
-                key = (_label(cfg), w)
-                hits = results.setdefault(key, [0, 0])
-                for i in q_idx:
-                    d = router.route(Query(texts[n_out][i], vecs[n_out][i]), cands)
-                    hits[0] += d.expert == n_out
-                    hits[1] += 1
+        for sim in SIMILARITIES:
+            for cfg in GRID:
+                for w in WEIGHTS:
+                    router = RetrieverRouter(
+                        RetrieverConfig(**cfg, description_weight=w, similarity=sim)  # type: ignore[arg-type]
+                    )
+                    router.prepare(cands)
+                    hits = results.setdefault((sim, _label(cfg), w), [0, 0])
+                    for i in q_idx:
+                        q = Query(texts[n_out][i], vecs[n_out][i], tokens=toks[n_out][i])
+                        hits[0] += router.route(q, cands).expert == n_out
+                        hits[1] += 1
     lines = [
         "# Retriever aggregate, leave-one-phrasing-out cross-validation",
         "",
@@ -82,17 +101,18 @@ def main() -> int:
         f"{sum(len(t) for t in texts.values())} pilot texts (examples + training prompts); "
         f"held-out queries not used. Wall time {time.perf_counter() - t0:.0f} s.",
         "",
-        "| aggregate | " + " | ".join(f"description {w:g}" for w in WEIGHTS) + " |",
-        "|---|" + "---|" * len(WEIGHTS),
+        "| similarity | aggregate | " + " | ".join(f"description {w:g}" for w in WEIGHTS) + " |",
+        "|---|---|" + "---|" * len(WEIGHTS),
     ]
-    for cfg in GRID:
-        row = [
-            f"{results[(_label(cfg), w)][0] / results[(_label(cfg), w)][1]:.3f}" for w in WEIGHTS
-        ]
-        lines.append(f"| {_label(cfg)} | " + " | ".join(row) + " |")
     acc = {k: v[0] / v[1] for k, v in results.items()}
+    for sim in SIMILARITIES:
+        for cfg in GRID:
+            row = [f"{acc[(sim, _label(cfg), w)]:.3f}" for w in WEIGHTS]
+            lines.append(f"| {sim} | {_label(cfg)} | " + " | ".join(row) + " |")
     top = max(acc.values())
-    best = [f"{a}, description weight {w:g}" for (a, w), v in acc.items() if v >= top - 1e-9]
+    best = [
+        f"{s}, {a}, description weight {w:g}" for (s, a, w), v in acc.items() if v >= top - 1e-9
+    ]
     lines += ["", f"Best ({top:.3f}): " + "; ".join(best) + "."]
     text = "\n".join(lines) + "\n"
     print(text)

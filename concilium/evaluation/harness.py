@@ -8,7 +8,6 @@ TARGET lines. The demo pack's outcome tables are built once by running every exp
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from concilium.evaluation.build import pack_experts
 from concilium.evaluation.metrics import Point, aiq, apgr, best_at, hull
 from concilium.evaluation.simulate import Replay, Result, TableSource
 from concilium.outcomes.table import OutcomeTable
-from concilium.registry.index import TextEncoder
+from concilium.registry.index import TextEncoder, TokenEncoder, pack_tokens
 from concilium.registry.registry import pilot_texts
 from concilium.routers.base import Candidate
 from concilium.routers.query.category import CategoryRouter
@@ -61,29 +60,42 @@ class EvalReport:
 def demo_replay(
     pack_dir: Path, encoder: TextEncoder, fit: OutcomeTable, test: OutcomeTable
 ) -> tuple[Replay, np.ndarray]:
-    """The test-table replay with the pack's candidates; also the fit table's embeddings."""
+    """The test-table replay with the pack's candidates; also the fit table's embeddings.
+
+    With an encoder that gives token embeddings the pilots and the test queries carry them, so
+    the retriever's late interaction is replayed as the service runs it."""
     specs = {s["name"]: s for s in pack_experts(pack_dir)}
     cands = []
     for name in test.experts:
         s = specs[name]
+        texts = pilot_texts(s) or [s.get("description") or name]  # as the registry embeds them
+        vecs, tokens = _encode(encoder, texts)
+        flat, offsets = pack_tokens(tokens) if tokens is not None else (None, None)
         cands.append(
             Candidate(
                 name=name,
                 kind=s["kind"],
                 task="generate",
-                pilots=encoder.encode(texts)
-                if (texts := pilot_texts(s))
-                else np.zeros((0, encoder.dim), np.float32),
+                pilots=vecs,
                 description=encoder.encode([s.get("description") or name])[0],
                 categories=tuple(s.get("categories") or ()),
                 base=s.get("base"),
                 params_active=s.get("params_active"),
                 params_total=s.get("params_total"),
+                pilot_tokens=flat,
+                pilot_token_offsets=offsets,
             )
         )
     prices = {n: (specs[n]["price_in_per_1k"], specs[n]["price_out_per_1k"]) for n in test.experts}
-    replay = Replay(test, encoder.encode(test.prompts), cands, prices)
+    vecs, tokens = _encode(encoder, test.prompts)
+    replay = Replay(test, vecs, cands, prices, tokens=tokens)
     return replay, encoder.encode(fit.prompts)
+
+
+def _encode(encoder: TextEncoder, texts: list[str]) -> tuple[np.ndarray, list[np.ndarray] | None]:
+    if isinstance(encoder, TokenEncoder):
+        return encoder.encode_with_tokens(texts)
+    return encoder.encode(texts), None
 
 
 def imported_replay(
@@ -286,7 +298,3 @@ def best_quality_at(report: EvalReport, name: str, cost: float) -> float:
 def frontier(report: EvalReport, name: str) -> list[Point]:
     c = next(c for c in report.curves if c.name == name)
     return hull(c.xy())
-
-
-def replace_table(replay: Replay, table: OutcomeTable, embeddings: np.ndarray) -> Replay:
-    return dataclasses.replace(replay, table=table, embeddings=embeddings)

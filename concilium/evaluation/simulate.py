@@ -70,6 +70,7 @@ class Replay:
     prices: dict[str, tuple[float, float]] | None  # None: estimate from `mean_cost`
     mean_cost: dict[str, float] | None = None
     max_tokens: int = 48
+    tokens: list[np.ndarray] | None = None  # per query [m, dim] token embeddings, when known
 
     def candidates_for(self, i: int) -> list[Candidate]:
         """The candidates with this query's estimated (upper-bound) cost, as the service does."""
@@ -95,7 +96,8 @@ class Replay:
         self, router: QueryRouter, i: int, quality_weight: float | None = None
     ) -> tuple[RouteDecision, list[Candidate]]:
         cands = self.candidates_for(i)
-        q = Query(self.table.prompts[i], self.embeddings[i], quality_weight=quality_weight)
+        tokens = None if self.tokens is None else self.tokens[i]
+        q = Query(self.table.prompts[i], self.embeddings[i], quality_weight, tokens)
         return router.route(q, cands), cands
 
     # -- strategies ------------------------------------------------------------------------------

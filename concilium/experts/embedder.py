@@ -72,3 +72,28 @@ class SentenceEncoder:
                 show_progress_bar=False,
             )
         return np.asarray(vecs, dtype=np.float32)
+
+    def encode_with_tokens(self, texts: Sequence[str]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Sentence embeddings [N, dim] and, per text, its L2-normalised contextual token
+        embeddings [m, dim] without [CLS]/[SEP], from one forward (late-interaction routing)."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32), []
+        with self._lock:
+            rows = self._model.encode(
+                list(texts),
+                batch_size=self.batch_size,
+                output_value=None,
+                normalize_embeddings=True,
+                convert_to_numpy=False,
+                show_progress_bar=False,
+            )
+        vecs = np.stack([r["sentence_embedding"].float().numpy() for r in rows])
+        return vecs.astype(np.float32), [_content_tokens(r) for r in rows]
+
+
+def _content_tokens(row: dict[str, Any]) -> np.ndarray:
+    """The text's token embeddings [m, dim], L2-normalised, padding and [CLS]/[SEP] dropped."""
+    n = int(row["attention_mask"].sum())
+    tok = row["token_embeddings"][:n].float()
+    tok = tok[1 : n - 1] if n > 2 else tok  # a text of nothing but specials keeps them
+    return np.asarray(tok / tok.norm(dim=-1, keepdim=True).clamp(min=1e-12), dtype=np.float32)

@@ -104,6 +104,7 @@ class CatalogCache:
 
     def _entry(self, rec: ExpertRecord, by_name: dict[str, ExpertRecord]) -> Entry:
         emb = self.registry.embeddings(rec)
+        tokens, offsets = self.registry.pilot_tokens(rec) or (None, None)
         s = rec.spec
         base = by_name.get(s.base) if isinstance(s, LoraSpec) else None
         cand = Candidate(
@@ -116,6 +117,8 @@ class CatalogCache:
             base=s.base if isinstance(s, LoraSpec) else None,
             params_active=_active_params(rec, base),
             params_total=s.params_total,
+            pilot_tokens=tokens,
+            pilot_token_offsets=offsets,
         )
         return Entry(record=rec, candidate=cand, target=self._target(rec, base))
 

@@ -10,20 +10,31 @@ from __future__ import annotations
 import numpy as np
 
 from concilium.experts.batching import MicroBatcher
-from concilium.registry.index import TextEncoder
+from concilium.registry.index import TextEncoder, TokenEncoder
+
+Encoded = tuple[np.ndarray, np.ndarray | None]  # ([dim] embedding, [m, dim] tokens or None)
+
+
+def encode_query(encoder: TextEncoder, texts: list[str]) -> list[Encoded]:
+    """Each text's sentence embedding and, when the encoder gives them, its token embeddings
+    (the retriever's late interaction), from one forward."""
+    if isinstance(encoder, TokenEncoder):
+        vecs, tokens = encoder.encode_with_tokens(texts)
+        return [(np.asarray(v, dtype=np.float32), t) for v, t in zip(vecs, tokens, strict=True)]
+    return [(np.asarray(v, dtype=np.float32), None) for v in encoder.encode(texts)]
 
 
 class BatchingEncoder:
-    """`await encode(text)` -> [dim] float32; concurrent calls share one encoder forward."""
+    """`await encode(text)` -> ([dim] float32, tokens); concurrent calls share one forward."""
 
     def __init__(self, encoder: TextEncoder, max_batch: int = 64, window_ms: float = 1.0) -> None:
         self.encoder = encoder
-        self._batcher: MicroBatcher[str, np.ndarray] = MicroBatcher(
+        self._batcher: MicroBatcher[str, Encoded] = MicroBatcher(
             self._encode, max_batch, window_ms / 1000
         )
 
-    def _encode(self, texts: list[str]) -> list[np.ndarray]:
-        return [np.asarray(v, dtype=np.float32) for v in self.encoder.encode(texts)]
+    def _encode(self, texts: list[str]) -> list[Encoded]:
+        return encode_query(self.encoder, texts)
 
-    async def encode(self, text: str) -> np.ndarray:
+    async def encode(self, text: str) -> Encoded:
         return await self._batcher.submit(text)

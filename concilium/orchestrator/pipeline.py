@@ -14,14 +14,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import numpy as np
-
 from concilium.errors import ExpertFailed, ExpertTimeout, InvalidInput
 from concilium.experts.base import ExpertBackend, Generation, GenParams, Message, StreamItem
 from concilium.orchestrator import token_plan
 from concilium.orchestrator.catalog import CatalogCache, Entry, cost_of, estimate_tokens
 from concilium.orchestrator.deadline import Deadline
-from concilium.orchestrator.encoding import BatchingEncoder
+from concilium.orchestrator.encoding import BatchingEncoder, Encoded
 from concilium.orchestrator.objective import Objective
 from concilium.orchestrator.planning import Plan
 from concilium.orchestrator.responses import (
@@ -165,7 +163,7 @@ class Orchestrator:
             model=req.model,
             objective=Objective.from_options(req.routing),
             max_tokens=params.max_tokens,
-            embedding=await self._embed_query(req.model, text),
+            encoded=await self._embed_query(req.model, text),
         )
         tr = token_plan.requested(req.model, req.routing)
         if tr is not None:
@@ -175,8 +173,9 @@ class Orchestrator:
             params = dataclasses.replace(params, token_routing=mix)
         return routed, messages, params
 
-    async def _embed_query(self, model: str, text: str) -> np.ndarray | None:
-        """The query embedding when a router will need it (batched with concurrent requests)."""
+    async def _embed_query(self, model: str, text: str) -> Encoded | None:
+        """The query's embedding and token embeddings when a router will need them (batched
+        with concurrent requests)."""
         if model == "auto" or model.startswith("router-") or model.endswith(":mixture"):
             return await self.query_encoder.encode(text)
         return None
@@ -289,7 +288,7 @@ class Orchestrator:
             task="embed",
             objective=Objective.from_options(req.routing),
             max_tokens=1,
-            embedding=await self._embed_query(req.model, texts[0]),
+            encoded=await self._embed_query(req.model, texts[0]),
         )
         entry = routed.catalog.entries[routed.decision.expert]
         vectors = await self.backend.embed(entry.target, texts)

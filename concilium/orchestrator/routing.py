@@ -14,6 +14,7 @@ import numpy as np
 from concilium.errors import InvalidInput, ObjectiveUnsatisfiable, UnknownModel
 from concilium.orchestrator import token_plan
 from concilium.orchestrator.catalog import Catalog, CatalogCache, Entry, estimate_tokens, priced
+from concilium.orchestrator.encoding import Encoded, encode_query
 from concilium.orchestrator.objective import Objective
 from concilium.registry.index import TextEncoder
 from concilium.routers.base import Candidate, Query, QueryRouter, RouteDecision
@@ -57,8 +58,9 @@ class QueryRouting:
         objective: Objective | None = None,
         task: str = "generate",
         max_tokens: int | None = None,
-        embedding: np.ndarray | None = None,
+        encoded: Encoded | None = None,
     ) -> Routed:
+        """Route `text`; `encoded`: its (embedding, token embeddings) when already encoded."""
         objective = objective or Objective()
         router, direct, catalog = self._resolve_fresh(model, task)
         pool = [
@@ -68,13 +70,13 @@ class QueryRouting:
         if not pool:
             raise ObjectiveUnsatisfiable(f"no {task} expert is registered", field="model")
         cands = objective.filter(pool, catalog.names())
+        embedding = None if encoded is None else encoded[0]
         if router is None:
             decision = _direct(cands[0].name, model)
         else:
             self._prepare(router, catalog, task)
-            if embedding is None:
-                embedding = self.encoder.encode([text])[0]
-            query = Query(text=text, embedding=embedding, quality_weight=objective.quality_weight)
+            embedding, tokens = encoded or encode_query(self.encoder, [text])[0]
+            query = Query(text, embedding, objective.quality_weight, tokens)
             decision = router.route(query, cands)
         return Routed(decision, {c.name: c for c in cands}, catalog, objective, embedding, text)
 

@@ -7,7 +7,7 @@ artifact store), so removing an expert can never leave an orphaned vector behind
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -22,6 +22,21 @@ class TextEncoder(Protocol):
     def name(self) -> str: ...
 
     def encode(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+@runtime_checkable
+class TokenEncoder(Protocol):
+    """An encoder that also gives each text's contextual token embeddings (late interaction)."""
+
+    def encode_with_tokens(self, texts: Sequence[str]) -> tuple[np.ndarray, list[np.ndarray]]: ...
+
+
+def pack_tokens(tokens: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-text token embeddings → one array [sum m, dim] and offsets [N + 1] (int64)."""
+    offsets = np.zeros(len(tokens) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(t) for t in tokens])
+    flat = np.concatenate(tokens) if tokens else np.zeros((0, 0), dtype=np.float32)
+    return flat.astype(np.float32), offsets
 
 
 class PilotIndex:

@@ -27,7 +27,7 @@ import numpy as np
 from concilium.errors import AdapterRejected, ExpertNotFound, InvalidInput, SpecError
 from concilium.registry.artifacts import ArtifactStore
 from concilium.registry.gate_jobs import JobQueue
-from concilium.registry.index import PilotIndex, TextEncoder
+from concilium.registry.index import PilotIndex, TextEncoder, TokenEncoder, pack_tokens
 from concilium.registry.specs import LoraSpec, ModelSpec, RemoteSpec, parse_spec
 from concilium.registry.store import AnySpec, ExpertRecord, RegistryStore
 
@@ -80,6 +80,7 @@ class Registry:
         self.gate_trainer = gate_trainer  # a lora's PHATGOOSE gate, trained in the background
         self.limits = limits or RegistryLimits()
         self.jobs = JobQueue(self._train_gate)
+        self._tokens: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # embeddings ref -> tokens
 
     # -- reads -------------------------------------------------------------------------------
     def version(self) -> int:
@@ -114,6 +115,27 @@ class Registry:
     def embeddings(self, record: ExpertRecord) -> dict[str, np.ndarray]:
         """{"pilots": [P, dim], "description": [1, dim]} for one expert."""
         return self.artifacts.load_arrays(record.artifacts["embeddings"])
+
+    def pilot_tokens(self, record: ExpertRecord) -> tuple[np.ndarray, np.ndarray] | None:
+        """(token embeddings [sum m, dim] float32, offsets [P + 1]) of an expert's pilots, or
+        None when the encoder gives no token embeddings. An expert registered before they were
+        stored has them computed once from its pilot texts (kept for this process)."""
+        ref = record.artifacts["embeddings"]
+        if ref in self._tokens:
+            return self._tokens[ref]
+        emb = self.embeddings(record)
+        if "pilot_tokens" in emb:
+            got = (emb["pilot_tokens"].astype(np.float32), emb["pilot_token_offsets"])
+        elif isinstance(self.encoder, TokenEncoder):
+            fresh = self._embed(record.spec)
+            got = (fresh["pilot_tokens"].astype(np.float32), fresh["pilot_token_offsets"])
+        else:
+            return None
+        if not _segments_ok(got[1], len(emb["pilots"]), len(got[0])):
+            log.warning("expert %s: pilot token embeddings do not match its pilots", record.name)
+            return None
+        self._tokens[ref] = got
+        return got
 
     def build_index(self, records: builtins.list[ExpertRecord]) -> PilotIndex:
         """A fresh pilot index over `records` (derived state: nothing is orphaned by removal)."""
@@ -285,11 +307,18 @@ class Registry:
         return base
 
     def _embed(self, spec: AnySpec) -> dict[str, np.ndarray]:
+        """{"pilots": [P, dim], "description": [1, dim]}, and with an encoder that gives token
+        embeddings also "pilot_tokens" [sum m, dim] (float16) and "pilot_token_offsets" [P + 1]
+        for the retriever's late interaction."""
         desc = spec.description or spec.name
         texts = pilot_texts(spec)
-        vecs = self.encoder.encode([desc, *texts])  # [1 + P, dim]
-        pilots = vecs[1:] if texts else vecs[:1]
-        return {"pilots": pilots.astype(np.float32), "description": vecs[:1].astype(np.float32)}
+        if not isinstance(self.encoder, TokenEncoder):
+            vecs = self.encoder.encode([desc, *texts])  # [1 + P, dim]
+            return _pilot_arrays(vecs, texts)
+        vecs, tokens = self.encoder.encode_with_tokens([desc, *texts])
+        flat, offsets = pack_tokens(tokens[1:] if texts else tokens[:1])
+        out = _pilot_arrays(vecs, texts)
+        return out | {"pilot_tokens": flat.astype(np.float16), "pilot_token_offsets": offsets}
 
     def _profile(self, spec: AnySpec, runtime_dir: Path | None) -> dict[str, Any]:
         profile: dict[str, Any] = {
@@ -312,6 +341,21 @@ class Registry:
             profile.update(self.profiler(spec, runtime_dir))
             profile["measured"] = True
         return profile
+
+
+def _segments_ok(offsets: np.ndarray, pilots: int, tokens: int) -> bool:
+    """Offsets [P + 1] from 0 to `tokens`, every pilot with at least one token."""
+    return (
+        offsets.shape == (pilots + 1,)
+        and int(offsets[0]) == 0
+        and int(offsets[-1]) == tokens
+        and bool(np.all(np.diff(offsets) > 0))
+    )
+
+
+def _pilot_arrays(vecs: np.ndarray, texts: list[str]) -> dict[str, np.ndarray]:
+    pilots = vecs[1:] if texts else vecs[:1]  # no pilots: the description stands in
+    return {"pilots": pilots.astype(np.float32), "description": vecs[:1].astype(np.float32)}
 
 
 def pilot_texts(spec: AnySpec | Mapping[str, Any], cap: int = MAX_PILOTS) -> list[str]:

@@ -31,6 +31,10 @@ class Candidate:
     est_energy_j: float | None = None  # estimated energy, when the expert declares it
     params_active: int | None = None
     params_total: int | None = None
+    # late interaction: the pilots' contextual token embeddings [sum m, dim], L2-normalised, and
+    # the offsets [P + 1] of each pilot's tokens (aligned with `pilots`); None when not built
+    pilot_tokens: np.ndarray | None = None
+    pilot_token_offsets: np.ndarray | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +48,7 @@ class Query:
     text: str
     embedding: np.ndarray
     quality_weight: float | None = None
+    tokens: np.ndarray | None = None  # [m, dim] L2-normalised token embeddings (late interaction)
 
 
 @dataclass(frozen=True, slots=True)

@@ -81,3 +81,19 @@ def test_embed_lora_expert_registers_and_changes_embeddings(
     assert np.allclose(base_v[0], encoder.encode(["hello"])[0], atol=1e-5)
     assert not np.allclose(base_v[0], lora_v[0], atol=1e-3)
     assert abs(np.linalg.norm(lora_v[0]) - 1) < 1e-5
+
+
+def test_token_embeddings_come_from_the_same_forward(encoder: SentenceEncoder) -> None:
+    texts = ["hi", "Reverse this word: planet", "a much longer sentence, to pad the others"]
+    vecs, tokens = encoder.encode_with_tokens(texts)
+    np.testing.assert_allclose(vecs, encoder.encode(texts), atol=1e-5)
+    tok = encoder._model.tokenizer
+    for t, m in zip(texts, tokens, strict=True):
+        n = len(tok(t)["input_ids"]) - 2  # [CLS] and [SEP] dropped, padding too
+        assert m.shape == (n, encoder.dim) and m.dtype == np.float32
+        np.testing.assert_allclose(np.linalg.norm(m, axis=1), 1.0, atol=1e-5)
+    # the same text alone or in a padded batch: the same tokens
+    _, alone = encoder.encode_with_tokens(texts[1:2])
+    np.testing.assert_allclose(alone[0], tokens[1], atol=1e-4)
+    none, no_tokens = encoder.encode_with_tokens([])
+    assert none.shape == (0, encoder.dim) and no_tokens == []

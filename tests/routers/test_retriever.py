@@ -1,0 +1,84 @@
+"""RouterRetriever's late interaction (MaxSim over token embeddings) and its sentence fallback."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from concilium.registry.index import pack_tokens
+from concilium.routers.base import Candidate, Query
+from concilium.routers.query.retriever import RetrieverConfig, RetrieverRouter, late_interaction
+
+D = 8
+
+
+def _unit(*hot: int) -> np.ndarray:
+    v = np.zeros(D, dtype=np.float32)
+    v[list(hot)] = 1.0
+    return v / np.linalg.norm(v)
+
+
+def _cand(name: str, sentence: list[np.ndarray], tokens: list[np.ndarray] | None) -> Candidate:
+    flat, offsets = pack_tokens(tokens) if tokens is not None else (None, None)
+    return Candidate(
+        name,
+        "lora",
+        "generate",
+        np.stack(sentence),
+        _unit(7),
+        pilot_tokens=flat,
+        pilot_token_offsets=offsets,
+    )
+
+
+def _router(**kw: object) -> RetrieverRouter:
+    return RetrieverRouter(RetrieverConfig(description_weight=0.0, **kw))  # type: ignore[arg-type]
+
+
+def _setup() -> tuple[Query, list[Candidate]]:
+    """Sentence embeddings favour `a`; every query token has an exact match in `b`'s pilot."""
+    q_tokens = np.stack([_unit(0), _unit(1)])
+    query = Query("q", _unit(0, 2), tokens=q_tokens)
+    a = _cand("a", [_unit(0, 2)], [np.stack([_unit(3), _unit(4)])])
+    b = _cand("b", [_unit(5)], [np.stack([_unit(1), _unit(6), _unit(0)])])
+    return query, [a, b]
+
+
+def test_late_interaction_is_maxsim_per_pilot() -> None:
+    rng = np.random.default_rng(0)
+    pilots = [rng.standard_normal((n, D)).astype(np.float32) for n in (1, 4, 2)]
+    q = rng.standard_normal((3, D)).astype(np.float32)
+    c = _cand("x", [_unit(0)] * 3, pilots)
+    want = [float((q @ p.T).max(axis=1).mean()) for p in pilots]
+    got = late_interaction(q, c)
+    assert got is not None
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_late_interaction_can_overrule_the_sentence_embeddings() -> None:
+    query, cands = _setup()
+    assert _router(similarity="sentence").route(query, cands).expert == "a"
+    d = _router(similarity="late_interaction").route(query, cands)
+    assert d.expert == "b" and "late interaction" in d.reason
+
+
+def test_without_tokens_everyone_is_scored_by_sentence() -> None:
+    query, (a, b) = _setup()
+    no_tokens = _cand("b", [_unit(5)], None)
+    d = _router().route(query, [a, no_tokens])
+    assert d.expert == "a" and "late interaction" not in d.reason
+    q_plain = Query("q", query.embedding)  # an encoder without token embeddings
+    assert _router().route(q_plain, [a, b]).expert == "a"
+
+
+def test_rerank_rescores_only_the_best_by_sentence() -> None:
+    query, (a, b) = _setup()
+    c = _cand("c", [_unit(6)], [np.stack([_unit(0), _unit(1)])])  # tokens match, sentence far
+    d = _router(rerank=2).route(query, [a, b, c])
+    assert d.expert == "b"  # a and b re-scored (b before c in the sentence tie): b's tokens match
+    d = _router(rerank=1).route(query, [a, b, c])  # only a (best by sentence) is re-scored
+    assert d.expert == "a"
+    assert d.scores["b"] < d.scores["a"] and d.scores["c"] < d.scores["a"]
+    # the rest keep their sentence order below it: e is closer than b by sentence
+    e = _cand("e", [_unit(2)], [np.stack([_unit(3)])])
+    d = _router(rerank=1).route(query, [a, b, c, e])
+    assert d.scores["e"] > d.scores["b"]
