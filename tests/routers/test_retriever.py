@@ -6,7 +6,8 @@ import numpy as np
 
 from concilium.registry.index import pack_tokens
 from concilium.routers.base import Candidate, Query
-from concilium.routers.query.retriever import RetrieverConfig, RetrieverRouter, late_interaction
+from concilium.routers.query.late_interaction import TokenBank, late_interaction
+from concilium.routers.query.retriever import RetrieverConfig, RetrieverRouter
 
 D = 8
 
@@ -82,3 +83,25 @@ def test_rerank_rescores_only_the_best_by_sentence() -> None:
     e = _cand("e", [_unit(2)], [np.stack([_unit(3)])])
     d = _router(rerank=1).route(query, [a, b, c, e])
     assert d.scores["e"] > d.scores["b"]
+
+
+def test_the_token_bank_agrees_with_the_per_expert_reference() -> None:
+    rng = np.random.default_rng(1)
+    cands = [
+        _cand(
+            f"e{k}",
+            [_unit(k)] * n,
+            [rng.standard_normal((m, D)).astype(np.float32) for m in rng.integers(1, 5, n)],
+        )
+        for k, n in enumerate((1, 3, 2))
+    ]
+    cands.append(Candidate("empty", "lora", "generate", np.zeros((0, D), np.float32), _unit(7)))
+    q = rng.standard_normal((4, D)).astype(np.float32)
+    bank = TokenBank.of(cands)
+    got = bank.maxsim(q)
+    assert set(got) == {"e0", "e1", "e2"}
+    for c in cands[:3]:
+        np.testing.assert_allclose(got[c.name], late_interaction(q, c), rtol=1e-6)  # type: ignore[arg-type]
+    assert bank.covers(cands)
+    swapped = [cands[0], _cand("e1", [_unit(1)] * 3, [np.ones((1, D), np.float32)] * 3)]
+    assert not bank.covers(swapped)  # re-registered: new arrays, the bank is rebuilt

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from concilium.registry.index import PilotIndex
 from concilium.routers.base import Candidate, Query, QueryRouter, RouteDecision, decide
+from concilium.routers.query.late_interaction import TokenBank, has_tokens
 
 # τ per similarity, each chosen by benchmarks/retriever_cv.py (held-out queries never read)
 DEFAULT_TAU = {"late_interaction": 0.05, "sentence": 0.1}
@@ -83,9 +84,11 @@ class RetrieverRouter(QueryRouter):
     def __init__(self, config: RetrieverConfig | None = None) -> None:
         self.config = config or RetrieverConfig()
         self._index: PilotIndex | None = None
+        self._bank: TokenBank | None = None
 
     def prepare(self, candidates: Sequence[Candidate]) -> None:
         self._index = _build_index(candidates)
+        self._bank = TokenBank.of(candidates)
 
     def route(self, query: Query, candidates: Sequence[Candidate]) -> RouteDecision:
         index = self._index
@@ -97,7 +100,7 @@ class RetrieverRouter(QueryRouter):
         names = [c.name for c in candidates]
         scores = np.array([self._aggregate(sims.get(n)) for n in names], dtype=np.float32)
         how = "pilot similarity"
-        if self.config.similarity == "late_interaction" and _has_tokens(query, candidates):
+        if self.config.similarity == "late_interaction" and has_tokens(query, candidates):
             scores, how = self._rerank(query, candidates, scores), "pilot late interaction"
         if self.config.description_weight:
             scores += self.config.description_weight * _description_sims(query, candidates)
@@ -115,10 +118,13 @@ class RetrieverRouter(QueryRouter):
         """Late-interaction scores for the `rerank` best experts by `sentence` score; the others
         below the lowest of them, in their sentence order."""
         assert query.tokens is not None
+        bank = self._bank
+        if bank is None or not bank.covers(candidates):
+            bank = TokenBank.of(candidates)
+        per_pilot = bank.maxsim(query.tokens)
         top = np.argsort(-sentence, kind="stable")[: self.config.rerank]
         late = np.array(
-            [self._aggregate(late_interaction(query.tokens, candidates[i])) for i in top],
-            dtype=np.float32,
+            [self._aggregate(per_pilot.get(candidates[i].name)) for i in top], dtype=np.float32
         )
         out = np.empty_like(sentence)
         out[:] = late.min() - 1e-3 - (sentence[top].min() - sentence)  # the rest, below
@@ -137,30 +143,6 @@ class RetrieverRouter(QueryRouter):
         if self.config.aggregate == "topk":
             return float(np.sort(s)[::-1][: self.config.topk].mean())
         return float(s.mean())
-
-
-def late_interaction(q_tokens: np.ndarray, c: Candidate) -> np.ndarray | None:
-    """MaxSim per pilot [P]: mean over the query's tokens [m, dim] of the best cosine with the
-    pilot's tokens. None for an expert without pilots."""
-    if not len(c.pilots) or c.pilot_tokens is None or c.pilot_token_offsets is None:
-        return None
-    sims = c.pilot_tokens @ q_tokens.T  # [sum m_p, m]
-    best = np.maximum.reduceat(sims, c.pilot_token_offsets[:-1], axis=0)  # [P, m]
-    return best.mean(axis=1)
-
-
-def _has_tokens(query: Query, candidates: Sequence[Candidate]) -> bool:
-    """Late interaction applies only when the query and every expert with pilots have tokens."""
-    if query.tokens is None or not len(query.tokens):
-        return False
-    return all(
-        c.pilot_tokens is not None
-        and c.pilot_token_offsets is not None
-        and len(c.pilot_token_offsets) == len(c.pilots) + 1  # offsets checked at load
-        and c.pilot_tokens.shape[-1] == query.tokens.shape[-1]
-        for c in candidates
-        if len(c.pilots)
-    )
 
 
 def _description_sims(query: Query, candidates: Sequence[Candidate]) -> np.ndarray:
