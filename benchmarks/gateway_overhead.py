@@ -191,7 +191,7 @@ def report(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     verdict = "PASS" if ratio >= 0.8 else "FAIL"
-    print(f"TARGET throughput_vs_bare: {ratio:.2f} (goal >= 0.80) {verdict}")
+    print(f"TARGET throughput_vs_bare: {ratio:.3f} (goal >= 0.80) {verdict}")
     print(f"TARGET added_p50_ms: {added:.2f} (goal <= 5.00) {'PASS' if added <= 5 else 'FAIL'}")
     return 0
 
