@@ -101,3 +101,21 @@ def test_a_failed_warm_up_is_logged_and_the_next_request_learns_inline(
     thread.join(10)
     assert "warm-up failed" in caplog.text
     assert route(router) == "b"  # no thread died; the request loaded the rows itself
+
+
+def test_heads_are_fitted_only_when_the_blend_uses_them() -> None:
+    from concilium.routers.query.predictive import PredictiveConfig
+
+    src = GatedSource()
+    src.gate.set()
+    query = Query("q", unit(np.eye(DIM)[0] + 0.05 * np.eye(DIM)[2]))
+    q_hat = {}
+    for blend in (0.0, 0.5, 1.0):
+        router = PredictiveRouter(PredictiveConfig(pilot_blend=blend, prior_strength=1e6))
+        router.attach(src)
+        q_hat[blend] = router.predict(query, candidates())  # the prior dominates the kNN
+        assert bool(router._heads) == (blend < 1)
+    # pilots alike: a prior of 1 for both; the heads know a fails near axis 0 and b succeeds
+    np.testing.assert_allclose(q_hat[1.0], [1.0, 1.0], atol=1e-3)
+    assert q_hat[0.0][0] < 0.2 < 0.8 < q_hat[0.0][1]
+    np.testing.assert_allclose(q_hat[0.5], (q_hat[0.0] + q_hat[1.0]) / 2, atol=1e-3)
