@@ -35,6 +35,7 @@ from concilium.embedpack.evaluate import (  # noqa: E402
     sample_heldout,
 )
 from concilium.embedpack.manifest import load_heldout, load_manifest  # noqa: E402
+from concilium.orchestrator.encoding import encode_query  # noqa: E402
 from concilium.orchestrator.objective import Objective  # noqa: E402
 from concilium.orchestrator.service import build_service  # noqa: E402
 
@@ -43,7 +44,7 @@ ROUTER = "retriever"
 
 def route_all(svc, texts: list[str], excluded: frozenset[str]) -> list[str]:  # type: ignore[no-untyped-def]
     """The expert `/v1/embeddings` with model router-retriever would pick for each text."""
-    vecs = svc.registry.encoder.encode(texts)  # the router's query embeddings, batched
+    encoded = encode_query(svc.registry.encoder, texts)  # the router's query encoding, batched
     orch, objective = svc.orchestrator, Objective(excluded=excluded)
     return [
         orch.route(
@@ -51,10 +52,10 @@ def route_all(svc, texts: list[str], excluded: frozenset[str]) -> list[str]:  # 
             model=f"router-{ROUTER}",
             task="embed",
             max_tokens=1,
-            embedding=v,
+            encoded=e,
             objective=objective,
         ).decision.expert
-        for t, v in zip(texts, vecs, strict=True)
+        for t, e in zip(texts, encoded, strict=True)
     ]
 
 
