@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import random
 import sys
 import tempfile
 import time
@@ -28,22 +26,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from routing_quality import load_queries  # noqa: E402
+
 from concilium.config import load_config  # noqa: E402
 from concilium.orchestrator.schemas import ChatCompletionRequest  # noqa: E402
 from concilium.orchestrator.service import build_service, install_pack  # noqa: E402
-
-
-def load_queries(pack: Path, per_skill: int | None, seed: int) -> list[dict[str, str]]:
-    rows = [json.loads(x) for x in (pack / "heldout.jsonl").read_text().splitlines() if x]
-    by_skill: dict[str, list[dict[str, str]]] = defaultdict(list)
-    for r in rows:
-        by_skill[r["skill"]].append(r)
-    rng = random.Random(seed)
-    out: list[dict[str, str]] = []
-    for skill in sorted(by_skill):
-        qs = by_skill[skill]
-        out += rng.sample(qs, per_skill) if per_skill and per_skill < len(qs) else qs
-    return out
 
 
 async def run_mode(

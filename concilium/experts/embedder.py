@@ -63,32 +63,26 @@ class SentenceEncoder:
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        with self._lock:
-            vecs = self._model.encode(
-                list(texts),
-                batch_size=self.batch_size,
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-                show_progress_bar=False,
-            )
-        return np.asarray(vecs, dtype=np.float32)
+        return np.asarray(self._forward(texts, convert_to_numpy=True), dtype=np.float32)
 
     def encode_with_tokens(self, texts: Sequence[str]) -> tuple[np.ndarray, list[np.ndarray]]:
         """Sentence embeddings [N, dim] and, per text, its L2-normalised contextual token
         embeddings [m, dim] without [CLS]/[SEP], from one forward (late-interaction routing)."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32), []
-        with self._lock:
-            rows = self._model.encode(
-                list(texts),
-                batch_size=self.batch_size,
-                output_value=None,
-                normalize_embeddings=True,
-                convert_to_numpy=False,
-                show_progress_bar=False,
-            )
+        rows = self._forward(texts, output_value=None, convert_to_numpy=False)
         vecs = np.stack([r["sentence_embedding"].float().numpy() for r in rows])
         return vecs.astype(np.float32), [_content_tokens(r) for r in rows]
+
+    def _forward(self, texts: Sequence[str], **kw: Any) -> Any:
+        with self._lock:
+            return self._model.encode(
+                list(texts),
+                batch_size=self.batch_size,
+                normalize_embeddings=True,
+                show_progress_bar=False,
+                **kw,
+            )
 
 
 def _content_tokens(row: dict[str, Any]) -> np.ndarray:
