@@ -57,6 +57,7 @@ def test_auto_answers_each_default_skill(setup: tuple) -> None:  # type: ignore[
         assert body["routing"]["expert"] == e["name"]
         assert body["choices"][0]["message"]["content"] == answer
         assert body["routing"]["active_parameters"] > 0
+        assert body["routing"]["reason"].startswith("pilot late interaction")
 
 
 def test_live_registration_routes_the_next_query(setup: tuple) -> None:  # type: ignore[type-arg]

@@ -129,6 +129,8 @@ def test_chat_through_serve_returns_routing(gateway: str, manifest: dict[str, An
     assert r.json()["routing"]["expert"] == skill == r.headers["x-concilium-expert"]
     assert r.json()["choices"][0]["message"]["content"] == answer
     assert r.headers["x-concilium-decision-id"] == r.json()["routing"]["decision_id"]
+    # the gateway encoded the query's tokens and the registry stored the pilots': no fallback
+    assert r.json()["routing"]["reason"].startswith("pilot late interaction")
 
 
 def test_openai_client_chat_stream_embeddings_models(
