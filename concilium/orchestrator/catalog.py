@@ -100,11 +100,12 @@ class CatalogCache:
         version, records = self.registry.store.snapshot()
         by_name = {r.name: r for r in records}
         entries = {r.name: self._entry(r, by_name) for r in records}
+        self.registry.retain_tokens(records)
         return Catalog(version=version, entries=entries)
 
     def _entry(self, rec: ExpertRecord, by_name: dict[str, ExpertRecord]) -> Entry:
         emb = self.registry.embeddings(rec)
-        tokens, offsets = self.registry.pilot_tokens(rec) or (None, None)
+        tokens, offsets = self.registry.pilot_tokens(rec, emb) or (None, None)
         s = rec.spec
         base = by_name.get(s.base) if isinstance(s, LoraSpec) else None
         cand = Candidate(

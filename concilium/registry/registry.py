@@ -116,14 +116,17 @@ class Registry:
         """{"pilots": [P, dim], "description": [1, dim]} for one expert."""
         return self.artifacts.load_arrays(record.artifacts["embeddings"])
 
-    def pilot_tokens(self, record: ExpertRecord) -> tuple[np.ndarray, np.ndarray] | None:
+    def pilot_tokens(
+        self, record: ExpertRecord, emb: Mapping[str, np.ndarray] | None = None
+    ) -> tuple[np.ndarray, np.ndarray] | None:
         """(token embeddings [sum m, dim] float32, offsets [P + 1]) of an expert's pilots, or
-        None when the encoder gives no token embeddings. An expert registered before they were
-        stored has them computed once from its pilot texts (kept for this process)."""
+        None when the encoder gives no token embeddings. `emb`: the record's `embeddings()`, when
+        already loaded. An expert registered before they were stored has them computed once from
+        its pilot texts. Kept per embeddings artifact until `retain_tokens` drops it."""
         ref = record.artifacts["embeddings"]
         if ref in self._tokens:
             return self._tokens[ref]
-        emb = self.embeddings(record)
+        emb = self.embeddings(record) if emb is None else emb
         if "pilot_tokens" in emb:
             got = (emb["pilot_tokens"].astype(np.float32), emb["pilot_token_offsets"])
         elif isinstance(self.encoder, TokenEncoder):
@@ -136,6 +139,12 @@ class Registry:
             return None
         self._tokens[ref] = got
         return got
+
+    def retain_tokens(self, records: builtins.list[ExpertRecord]) -> None:
+        """Forget the pilot tokens of every expert not in `records` (deleted, re-registered)."""
+        keep = {r.artifacts["embeddings"] for r in records}
+        for ref in [r for r in self._tokens if r not in keep]:
+            del self._tokens[ref]
 
     def build_index(self, records: builtins.list[ExpertRecord]) -> PilotIndex:
         """A fresh pilot index over `records` (derived state: nothing is orphaned by removal)."""

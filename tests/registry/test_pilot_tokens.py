@@ -66,3 +66,15 @@ def test_tokens_that_do_not_match_the_pilots_are_not_used(tmp_path: Path) -> Non
     reg = Registry(tmp_path, Skewed())
     rec = reg.register(SPEC)
     assert reg.pilot_tokens(rec) is None  # logged; the retriever falls back to sentences
+
+
+def test_tokens_of_experts_no_longer_registered_are_forgotten(tmp_path: Path) -> None:
+    reg = Registry(tmp_path, TokenHashEncoder())
+    a = reg.register(SPEC)
+    b = reg.register(remote_spec("up", ["make it upper case"]))
+    first = reg.pilot_tokens(a)
+    assert reg.pilot_tokens(b) is not None and reg.pilot_tokens(a) is first  # kept
+    reg.retain_tokens([b])  # `a` was deleted
+    again = reg.pilot_tokens(a)
+    assert again is not first and again is not None  # loaded afresh from its artifact
+    np.testing.assert_array_equal(again[0], first[0])  # type: ignore[index]
