@@ -20,7 +20,7 @@ from concilium.evaluation.build import pack_experts
 from concilium.evaluation.metrics import Point, aiq, apgr, best_at, hull
 from concilium.evaluation.simulate import Replay, Result, TableSource
 from concilium.outcomes.table import OutcomeTable
-from concilium.registry.index import TextEncoder, TokenEncoder, pack_tokens
+from concilium.registry.index import TextEncoder, encode_texts, pack_tokens
 from concilium.registry.registry import pilot_texts
 from concilium.routers.base import Candidate
 from concilium.routers.query.category import CategoryRouter
@@ -69,7 +69,7 @@ def demo_replay(
     for name in test.experts:
         s = specs[name]
         texts = pilot_texts(s) or [s.get("description") or name]  # as the registry embeds them
-        vecs, tokens = _encode(encoder, texts)
+        vecs, tokens = encode_texts(encoder, texts)
         flat, offsets = pack_tokens(tokens) if tokens is not None else (None, None)
         cands.append(
             Candidate(
@@ -87,15 +87,9 @@ def demo_replay(
             )
         )
     prices = {n: (specs[n]["price_in_per_1k"], specs[n]["price_out_per_1k"]) for n in test.experts}
-    vecs, tokens = _encode(encoder, test.prompts)
+    vecs, tokens = encode_texts(encoder, test.prompts)
     replay = Replay(test, vecs, cands, prices, tokens=tokens)
     return replay, encoder.encode(fit.prompts)
-
-
-def _encode(encoder: TextEncoder, texts: list[str]) -> tuple[np.ndarray, list[np.ndarray] | None]:
-    if isinstance(encoder, TokenEncoder):
-        return encoder.encode_with_tokens(texts)
-    return encoder.encode(texts), None
 
 
 def imported_replay(

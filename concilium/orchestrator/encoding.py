@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from concilium.experts.batching import MicroBatcher
-from concilium.registry.index import TextEncoder, TokenEncoder
+from concilium.registry.index import TextEncoder, encode_texts
 
 Encoded = tuple[np.ndarray, np.ndarray | None]  # ([dim] embedding, [m, dim] tokens or None)
 
@@ -18,10 +18,10 @@ Encoded = tuple[np.ndarray, np.ndarray | None]  # ([dim] embedding, [m, dim] tok
 def encode_query(encoder: TextEncoder, texts: list[str]) -> list[Encoded]:
     """Each text's sentence embedding and, when the encoder gives them, its token embeddings
     (the retriever's late interaction), from one forward."""
-    if isinstance(encoder, TokenEncoder):
-        vecs, tokens = encoder.encode_with_tokens(texts)
-        return [(np.asarray(v, dtype=np.float32), t) for v, t in zip(vecs, tokens, strict=True)]
-    return [(np.asarray(v, dtype=np.float32), None) for v in encoder.encode(texts)]
+    vecs, tokens = encode_texts(encoder, texts)
+    if tokens is None:
+        return [(v, None) for v in vecs]
+    return list(zip(vecs, tokens, strict=True))
 
 
 class BatchingEncoder:

@@ -31,6 +31,17 @@ class TokenEncoder(Protocol):
     def encode_with_tokens(self, texts: Sequence[str]) -> tuple[np.ndarray, list[np.ndarray]]: ...
 
 
+def encode_texts(
+    encoder: TextEncoder, texts: Sequence[str]
+) -> tuple[np.ndarray, list[np.ndarray] | None]:
+    """Sentence embeddings [N, dim] float32 and, when the encoder gives them, each text's token
+    embeddings [m, dim] (None otherwise), from one forward."""
+    if isinstance(encoder, TokenEncoder):
+        vecs, tokens = encoder.encode_with_tokens(texts)
+        return np.asarray(vecs, dtype=np.float32), tokens
+    return np.asarray(encoder.encode(texts), dtype=np.float32), None
+
+
 def pack_tokens(tokens: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Per-text token embeddings → one array [sum m, dim] and offsets [N + 1] (int64)."""
     offsets = np.zeros(len(tokens) + 1, dtype=np.int64)

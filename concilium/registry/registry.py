@@ -27,7 +27,13 @@ import numpy as np
 from concilium.errors import AdapterRejected, ExpertNotFound, InvalidInput, SpecError
 from concilium.registry.artifacts import ArtifactStore
 from concilium.registry.gate_jobs import JobQueue
-from concilium.registry.index import PilotIndex, TextEncoder, TokenEncoder, pack_tokens
+from concilium.registry.index import (
+    PilotIndex,
+    TextEncoder,
+    TokenEncoder,
+    encode_texts,
+    pack_tokens,
+)
 from concilium.registry.specs import LoraSpec, ModelSpec, RemoteSpec, parse_spec
 from concilium.registry.store import AnySpec, ExpertRecord, RegistryStore
 
@@ -321,12 +327,11 @@ class Registry:
         for the retriever's late interaction."""
         desc = spec.description or spec.name
         texts = pilot_texts(spec)
-        if not isinstance(self.encoder, TokenEncoder):
-            vecs = self.encoder.encode([desc, *texts])  # [1 + P, dim]
-            return _pilot_arrays(vecs, texts)
-        vecs, tokens = self.encoder.encode_with_tokens([desc, *texts])
-        flat, offsets = pack_tokens(tokens[1:] if texts else tokens[:1])
+        vecs, tokens = encode_texts(self.encoder, [desc, *texts])  # [1 + P, dim]
         out = _pilot_arrays(vecs, texts)
+        if tokens is None:
+            return out
+        flat, offsets = pack_tokens(tokens[1:] if texts else tokens[:1])
         return out | {"pilot_tokens": flat.astype(np.float16), "pilot_token_offsets": offsets}
 
     def _profile(self, spec: AnySpec, runtime_dir: Path | None) -> dict[str, Any]:
