@@ -6,7 +6,7 @@ import numpy as np
 
 from concilium.registry.index import pack_tokens
 from concilium.routers.base import Candidate, Query
-from concilium.routers.query.late_interaction import TokenBank, late_interaction
+from concilium.routers.query.late_interaction import TokenBank, bank_for, late_interaction
 from concilium.routers.query.retriever import RetrieverConfig, RetrieverRouter
 
 D = 8
@@ -102,6 +102,12 @@ def test_the_token_bank_agrees_with_the_per_expert_reference() -> None:
     assert set(got) == {"e0", "e1", "e2"}
     for c in cands[:3]:
         np.testing.assert_allclose(got[c.name], late_interaction(q, c), rtol=1e-6)  # type: ignore[arg-type]
-    assert bank.covers(cands)
+    query = Query("q", _unit(0), tokens=q)
+    assert bank_for(query, cands, bank) is bank
     swapped = [cands[0], _cand("e1", [_unit(1)] * 3, [np.ones((1, D), np.float32)] * 3)]
-    assert not bank.covers(swapped)  # re-registered: new arrays, the bank is rebuilt
+    rebuilt = bank_for(query, swapped, bank)  # re-registered: new arrays, the bank is rebuilt
+    assert rebuilt is not None and rebuilt is not bank
+    assert set(rebuilt.maxsim(q)) == {"e0", "e1"}
+    assert bank_for(Query("q", _unit(0)), cands, bank) is None  # a query without tokens
+    no_tokens = Candidate("bare", "lora", "generate", np.stack([_unit(3)]), _unit(3))
+    assert bank_for(query, [*cands, no_tokens], bank) is None  # an expert without them

@@ -25,18 +25,35 @@ def late_interaction(q_tokens: np.ndarray, c: Candidate) -> np.ndarray | None:
     return best.mean(axis=1)
 
 
-def has_tokens(query: Query, candidates: Sequence[Candidate]) -> bool:
-    """Late interaction applies only when the query and every expert with pilots have tokens."""
-    if query.tokens is None or not len(query.tokens):
-        return False
-    return all(
+def _usable(c: Candidate, dim: int) -> bool:
+    """Whether an expert with pilots has token embeddings of the query's width (offsets are
+    checked against the pilots when the registry loads them)."""
+    return (
         c.pilot_tokens is not None
         and c.pilot_token_offsets is not None
-        and len(c.pilot_token_offsets) == len(c.pilots) + 1  # offsets checked at load
-        and c.pilot_tokens.shape[-1] == query.tokens.shape[-1]
-        for c in candidates
-        if len(c.pilots)
+        and len(c.pilot_token_offsets) == len(c.pilots) + 1
+        and c.pilot_tokens.shape[-1] == dim
     )
+
+
+def bank_for(
+    query: Query, candidates: Sequence[Candidate], bank: TokenBank | None
+) -> TokenBank | None:
+    """The bank to score `query` against, in one pass over the candidates: `bank` when it holds
+    exactly their pilot tokens, a new one when it does not (none yet, an expert re-registered or
+    new), None when late interaction does not apply (the query or an expert with pilots has no
+    token embeddings of the same width)."""
+    if query.tokens is None or not len(query.tokens):
+        return None
+    dim = query.tokens.shape[-1]
+    for c in candidates:
+        if not len(c.pilots):
+            continue
+        if not _usable(c, dim):
+            return None
+        if bank is not None and not bank.holds(c):
+            bank = None  # stale: rebuilt below
+    return bank if bank is not None else TokenBank.of(candidates)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +65,7 @@ class TokenBank:
     tokens: np.ndarray
     starts: np.ndarray
     bounds: np.ndarray
-    sources: tuple[int, ...]  # id() of each expert's own pilot_tokens array (staleness check)
+    sources: tuple[np.ndarray, ...]  # each expert's own pilot_tokens array (staleness check)
 
     @classmethod
     def of(cls, candidates: Sequence[Candidate]) -> TokenBank:
@@ -66,17 +83,14 @@ class TokenBank:
             tokens=np.concatenate(arrays) if arrays else np.zeros((0, 1), np.float32),
             starts=np.concatenate(starts) if starts else np.zeros(0, np.int64),
             bounds=np.asarray(bounds, dtype=np.int64),
-            sources=tuple(id(a) for a in arrays),
+            sources=tuple(arrays),
         )
 
-    def covers(self, candidates: Sequence[Candidate]) -> bool:
-        """Whether every candidate's pilot tokens are the ones this bank was built from."""
-        for c in candidates:
-            if len(c.pilots) and c.pilot_tokens is not None:
-                i = self.experts.get(c.name)
-                if i is None or self.sources[i] != id(c.pilot_tokens):
-                    return False
-        return True
+    def holds(self, c: Candidate) -> bool:
+        """Whether this bank was built from `c`'s pilot tokens (the same array object: a
+        re-registered expert brings new arrays; held here, so an address is never reused)."""
+        i = self.experts.get(c.name)
+        return i is not None and self.sources[i] is c.pilot_tokens
 
     def maxsim(self, q_tokens: np.ndarray) -> dict[str, np.ndarray]:
         """Per expert, the MaxSim of each of its pilots [P] with the query's tokens [m, dim]."""

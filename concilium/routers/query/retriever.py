@@ -32,10 +32,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from concilium.registry.index import PilotIndex
 from concilium.routers.base import Candidate, Query, QueryRouter, RouteDecision, decide
-from concilium.routers.query.late_interaction import TokenBank, has_tokens
+from concilium.routers.query.late_interaction import TokenBank, bank_for
 
 # τ per similarity, each chosen by benchmarks/retriever_cv.py (held-out queries never read)
 DEFAULT_TAU = {"late_interaction": 0.05, "sentence": 0.1}
+LI = "late_interaction"
 
 
 class RetrieverConfig(BaseModel):
@@ -100,8 +101,9 @@ class RetrieverRouter(QueryRouter):
         names = [c.name for c in candidates]
         scores = np.array([self._aggregate(sims.get(n)) for n in names], dtype=np.float32)
         how = "pilot similarity"
-        if self.config.similarity == "late_interaction" and has_tokens(query, candidates):
-            scores, how = self._rerank(query, candidates, scores), "pilot late interaction"
+        bank = bank_for(query, candidates, self._bank) if self.config.similarity == LI else None
+        if bank is not None:
+            scores, how = self._rerank(query, bank, candidates, scores), "pilot late interaction"
         if self.config.description_weight:
             scores += self.config.description_weight * _description_sims(query, candidates)
         return decide(
@@ -113,14 +115,11 @@ class RetrieverRouter(QueryRouter):
         )
 
     def _rerank(
-        self, query: Query, candidates: Sequence[Candidate], sentence: np.ndarray
+        self, query: Query, bank: TokenBank, candidates: Sequence[Candidate], sentence: np.ndarray
     ) -> np.ndarray:
         """Late-interaction scores for the `rerank` best experts by `sentence` score; the others
         below the lowest of them, in their sentence order."""
         assert query.tokens is not None
-        bank = self._bank
-        if bank is None or not bank.covers(candidates):
-            bank = TokenBank.of(candidates)
         per_pilot = bank.maxsim(query.tokens)
         top = np.argsort(-sentence, kind="stable")[: self.config.rerank]
         late = np.array(
