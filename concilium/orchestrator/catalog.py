@@ -79,7 +79,7 @@ class CatalogCache:
         self.registry = registry
         self.refresh_s = refresh_s
         self._catalog: Catalog | None = None
-        self._checked = 0.0
+        self._checked = -math.inf
         self._lock = threading.Lock()
 
     def get(self) -> Catalog:
@@ -94,7 +94,9 @@ class CatalogCache:
             return self._catalog
 
     def invalidate(self) -> None:
-        self._checked = 0.0
+        """Check the registry version at the next `get` (0.0 would not do while the
+        monotonic clock, which counts from an arbitrary point, is still below `refresh_s`)."""
+        self._checked = -math.inf
 
     def _build(self) -> Catalog:
         version, records = self.registry.store.snapshot()

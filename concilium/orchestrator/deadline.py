@@ -29,6 +29,11 @@ class Deadline:
             )
         return cls(time.monotonic() + default_s, default_s * 1000, None)
 
+    @property
+    def spent(self) -> bool:
+        """Whether the caller has stopped waiting (an expert's own timeout before it is not)."""
+        return time.monotonic() >= self.at
+
     async def run(self, awaitable: Any) -> Any:
         left = self.at - time.monotonic()
         try:

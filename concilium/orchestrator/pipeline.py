@@ -181,9 +181,11 @@ class Orchestrator:
         return None
 
     def _order(self, routed: Routed) -> list[str]:
-        """The chosen expert(s), then fallbacks by score: all inside the allowed set."""
+        """The chosen expert(s), then fallbacks by score: all inside the allowed set and the
+        fallback pool (`routed.candidates`, which a token mixture narrows to its adapters)."""
         d = routed.decision
         order = list(d.experts) + [n for n in d.ranked() if n not in d.experts]
+        order = [n for n in order if n in routed.candidates]
         return order[: 1 + self.max_fallbacks] if d.router != "direct" else order[:1]
 
     async def _dispatch(
@@ -205,9 +207,9 @@ class Orchestrator:
             tried.append(name)
             try:
                 return entry, await deadline.run(attempt(entry)), tried
-            except ExpertTimeout:
-                raise  # the caller's deadline is spent: no fallback can answer in time
             except ExpertFailed as e:
+                if isinstance(e, ExpertTimeout) and deadline.spent:
+                    raise  # the caller's deadline is spent: no fallback can answer in time
                 _log_failure(name, e, last_one=name == order[-1])
                 last = e
         assert last is not None
@@ -282,6 +284,7 @@ class Orchestrator:
             raise InvalidInput(
                 "input must be a non-empty string or list of non-empty strings", field="input"
             )
+        tokens = sum(estimate_tokens(t) for t in texts)
         routed = self.route(
             texts[0],
             model=req.model,
@@ -289,10 +292,10 @@ class Orchestrator:
             objective=Objective.from_options(req.routing),
             max_tokens=1,
             encoded=await self._embed_query(req.model, texts[0]),
+            prompt_tokens=tokens,  # the objective's cost and energy cover every input
         )
         entry = routed.catalog.entries[routed.decision.expert]
         vectors = await self.backend.embed(entry.target, texts)
-        tokens = sum(estimate_tokens(t) for t in texts)
         cost = tokens * entry.spec.price_in_per_1k / 1000
         routing = routing_object(
             routed, entry, cost, (time.perf_counter() - t0) * 1000, [entry.spec.name]

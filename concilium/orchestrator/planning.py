@@ -76,7 +76,8 @@ def coverage(qs: Sequence[float]) -> float:
 
 
 def fits(members: Sequence[Option], budget: Budget, *, sequential: bool = False) -> bool:
-    """Whether running all `members` stays within the budget."""
+    """Whether running all `members` stays within the budget (sums taken in their order: pass
+    them in the order the plan lists them, or a sum at the ceiling can pass it by one ulp)."""
     if not members or len(members) > budget.max_experts:
         return False
     cost = sum(m.cost for m in members)
@@ -129,22 +130,27 @@ def plan_ensemble(options: Sequence[Option], budget: Budget) -> Plan | None:
     k = min(budget.max_experts, len(opts))
     n_subsets = sum(math.comb(len(opts), r) for r in range(1, k + 1))
     if n_subsets <= EXACT_LIMIT:
-        best: tuple[float, tuple[Option, ...]] | None = None
+        best: tuple[float, list[Option]] | None = None
         for r in range(1, k + 1):
             for combo in itertools.combinations(opts, r):
-                if fits(combo, budget):
-                    v = _value(combo, budget, cost_ref)
+                members = _ranked(combo)
+                if fits(members, budget):
+                    v = _value(members, budget, cost_ref)
                     if best is None or v > best[0] + 1e-12:
-                        best = (v, combo)
+                        best = (v, members)
         assert best is not None  # every single option fits
-        members = sorted(best[1], key=lambda o: -o.quality)
-        return _plan("ensemble", members, best[0], exact=True)
+        return _plan("ensemble", best[1], best[0], exact=True)
     chosen = _greedy(opts, budget, cost_ref)
     single = max(opts, key=lambda o: _value([o], budget, cost_ref))
     if _value([single], budget, cost_ref) > _value(chosen, budget, cost_ref):
         chosen = [single]
-    members = sorted(chosen, key=lambda o: -o.quality)
+    members = _ranked(chosen)
     return _plan("ensemble", members, _value(members, budget, cost_ref), exact=False)
+
+
+def _ranked(members: Sequence[Option]) -> list[Option]:
+    """Best gate first: the order an ensemble lists its members in (and sums their budget in)."""
+    return sorted(members, key=lambda o: -o.quality)
 
 
 def _greedy(opts: Sequence[Option], budget: Budget, cost_ref: float) -> list[Option]:
@@ -154,7 +160,7 @@ def _greedy(opts: Sequence[Option], budget: Budget, cost_ref: float) -> list[Opt
         base = _value(chosen, budget, cost_ref) if chosen else 0.0
         best: tuple[float, Option] | None = None
         for o in left:
-            if not fits([*chosen, o], budget):
+            if not fits(_ranked([*chosen, o]), budget):
                 continue
             gain = _value([*chosen, o], budget, cost_ref) - base
             ratio = gain / max(o.cost, 1e-12)

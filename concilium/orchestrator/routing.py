@@ -59,12 +59,16 @@ class QueryRouting:
         task: str = "generate",
         max_tokens: int | None = None,
         encoded: Encoded | None = None,
+        prompt_tokens: int | None = None,
     ) -> Routed:
-        """Route `text`; `encoded`: its (embedding, token embeddings) when already encoded."""
+        """Route `text`; `encoded`: its (embedding, token embeddings) when already encoded;
+        `prompt_tokens`: what the request sends the expert, when more than `text` (priced)."""
         objective = objective or Objective()
-        router, direct, catalog = self._resolve_fresh(model, task)
+        named = objective.excluded | (objective.allowed or frozenset())
+        router, direct, catalog = self._resolve_fresh(model, task, named)
+        prompt = estimate_tokens(text) if prompt_tokens is None else prompt_tokens
         pool = [
-            priced(e, estimate_tokens(text), max_tokens or self.default_max_tokens)
+            priced(e, prompt, max_tokens or self.default_max_tokens)
             for e in (direct if direct is not None else catalog.of_task(task))
         ]
         if not pool:
@@ -81,17 +85,20 @@ class QueryRouting:
         return Routed(decision, {c.name: c for c in cands}, catalog, objective, embedding, text)
 
     def _resolve_fresh(
-        self, model: str, task: str
+        self, model: str, task: str, named: frozenset[str]
     ) -> tuple[QueryRouter | None, list[Entry] | None, Catalog]:
+        """`resolve` on the current catalogue, or on a fresh one when that lacks `model` or an
+        expert the objective `named`."""
         catalog = self.catalogs.get()
-        try:
-            return *self.resolve(model, catalog, task), catalog
-        except UnknownModel:
-            # registered a moment ago (through another process)? look now, not at the next refresh
-            self.catalogs.invalidate()
-            if (fresh := self.catalogs.get()) is catalog:
-                raise
-            return *self.resolve(model, fresh, task), fresh
+        if named <= catalog.names():
+            try:
+                return *self.resolve(model, catalog, task), catalog
+            except UnknownModel:
+                pass
+        # registered a moment ago (through another process)? look now, not at the next refresh
+        self.catalogs.invalidate()
+        fresh = self.catalogs.get()
+        return *self.resolve(model, fresh, task), fresh
 
     def resolve(
         self, model: str, catalog: Catalog, task: str

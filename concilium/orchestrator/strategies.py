@@ -129,8 +129,8 @@ async def run_ensemble(
     )
     slots: list[Member | None] = [None] * len(entries)
     for (idx, _, _), r in zip(calls, results, strict=True):
-        if isinstance(r, ExpertTimeout):
-            raise r
+        if isinstance(r, ExpertTimeout) and deadline.spent:
+            raise r  # the caller stopped waiting (a member's own timeout only leaves it out)
         if isinstance(r, BaseException) and not isinstance(r, ExpertFailed):
             raise r
         for i in idx:
@@ -217,9 +217,9 @@ async def run_cascade(
     for k, (e, gate) in enumerate(zip(entries, plan.weights, strict=True)):
         try:
             gen: Generation = await deadline.run(backend.chat(e.target, messages, params))
-        except ExpertTimeout:
-            raise
         except ExpertFailed as err:
+            if isinstance(err, ExpertTimeout) and deadline.spent:
+                raise  # the caller stopped waiting (a stage's own timeout is escalated past)
             log.warning("cascade stage %s failed: %s", e.spec.name, err)
             members.append(Member(e, gate, error=err.message))
             continue
