@@ -22,15 +22,22 @@ from pathlib import Path
 import numpy as np
 
 from concilium.errors import RegistryError
+from concilium.registry.safetensors_check import open_regular
 
 _CHUNK = 1 << 20
 
 
-def _file_digest(path: Path) -> str:
+def _copy_regular(src: Path, dest: Path, label: str) -> str:
+    """Copy one regular file (no symlink followed, no FIFO opened for long); returns the sha256
+    of the bytes copied."""
     h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
+    try:
+        with open_regular(src, label) as f, dest.open("xb") as out:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+                out.write(chunk)
+    except OSError as e:
+        raise RegistryError(f"cannot copy {label} into the artifact store: {e}") from e
     return h.hexdigest()
 
 
@@ -52,19 +59,27 @@ class ArtifactStore:
         return p
 
     def put_files(self, files: Mapping[str, Path]) -> str:
-        """Copy named files into one directory artifact; returns its ref (the digest)."""
-        h = hashlib.sha256()
-        for name in sorted(files):
-            h.update(f"{name}\0{_file_digest(files[name])}\0".encode())
-        ref = h.hexdigest()
-        dest = self.root / ref
-        if dest.is_dir():
-            os.utime(dest)  # reused: fresh again, so a concurrent gc leaves it alone
-            return ref
+        """Copy named files into one directory artifact; returns its ref (the digest).
+
+        The digest is of the bytes copied, so a source changed meanwhile cannot land under
+        another content's name; a source that is (by now) a symlink, FIFO or device is refused
+        (AdapterRejected) and nothing is left behind.
+        """
         tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".tmp-"))
         try:
-            for name, src in files.items():
-                shutil.copyfile(src, tmp / name, follow_symlinks=False)
+            h = hashlib.sha256()
+            for name in sorted(files):
+                h.update(f"{name}\0{_copy_regular(files[name], tmp / name, name)}\0".encode())
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        ref = h.hexdigest()
+        dest = self.root / ref
+        try:
+            if dest.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+                os.utime(dest)  # reused: fresh again, so a concurrent gc leaves it alone
+                return ref
             os.replace(tmp, dest)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)

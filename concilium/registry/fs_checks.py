@@ -84,10 +84,10 @@ def walk(root: Path) -> list[Entry]:
     while stack:
         for item in _scandir(stack.pop()):
             p = Path(item.path)
-            mode, size = (st := item.stat(follow_symlinks=False)).st_mode, st.st_size
             rel = p.relative_to(root).as_posix()
             if not _is_utf8(rel):  # every message names files, and is sent as UTF-8
                 raise AdapterRejected(f"{shown(rel)}: file name is not valid UTF-8")
+            mode, size = (st := _lstat(item, rel)).st_mode, st.st_size
             if stat.S_ISDIR(mode):
                 stack.append(p)
             elif stat.S_ISLNK(mode) or stat.S_ISREG(mode):
@@ -97,6 +97,13 @@ def walk(root: Path) -> list[Entry]:
         if len(out) + len(stack) > MAX_ENTRIES:
             raise AdapterRejected(f"{shown(root)}: more than {MAX_ENTRIES} entries")
     return sorted(out, key=lambda e: e.rel)
+
+
+def _lstat(item: os.DirEntry[str], rel: str) -> os.stat_result:
+    try:
+        return item.stat(follow_symlinks=False)
+    except OSError as e:  # listed, then removed or replaced before it could be examined
+        raise AdapterRejected(f"{rel}: cannot examine ({e.strerror}); did it change?") from None
 
 
 def _is_utf8(name: str) -> bool:

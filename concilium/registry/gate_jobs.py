@@ -32,9 +32,11 @@ class JobQueue:
         self.stopping = threading.Event()  # set at exit: the running job should return early
 
     def submit(self, job: str) -> None:
-        """Queue ``job`` (a name already queued or running is not queued twice)."""
+        """Queue ``job`` (a name already queued is not queued twice; a running one is queued
+        again: it may be running for a row that was replaced since, and a rerun for a row that
+        needs nothing returns at once)."""
         with self._cv:
-            if job in self._queue or job == self._running or self.stopping.is_set():
+            if job in self._queue or self.stopping.is_set():
                 return
             self._queue.append(job)
             if self._thread is None:

@@ -174,6 +174,9 @@ class Registry:
             raise Conflict(f"expert {spec.name!r} is already registered", field="name")
         _check_train_examples(spec)
         artifacts, runtime_dir = self._validate_and_copy(spec)
+        if isinstance(spec, ModelSpec) and runtime_dir is not None:
+            # the directory checked, not a path through symlinks that may be repointed later
+            spec = spec.model_copy(update={"path": str(runtime_dir)})
         artifacts["embeddings"] = self.artifacts.put_arrays(self._embed(spec))
         if isinstance(spec, LoraSpec) and runtime_dir is not None and self.adapter_routing:
             artifacts["arrow"] = self.artifacts.put_arrays(self.adapter_routing(runtime_dir))
@@ -240,9 +243,12 @@ class Registry:
 
     def _set_artifact(self, rec: ExpertRecord, key: str, value: Any) -> int | None:
         """Add one artifact to a stored row and bump the version; None if the row changed
-        (removed, or re-registered with another adapter) meanwhile."""
+        (removed, or re-registered, with the same adapter or another) meanwhile."""
         return self.store.update_artifacts(
-            rec.name, {key: value}, expect={"adapter": rec.artifacts["adapter"]}
+            rec.name,
+            {key: value},
+            expect={"adapter": rec.artifacts["adapter"]},
+            expect_version=rec.version,
         )
 
     def gc(self, grace_s: float = 600.0) -> builtins.list[str]:
@@ -292,7 +298,8 @@ class Registry:
         try:  # validate the stored copy too: the source may have changed after the first check
             ainfo = check(self.artifacts.path(ref))
         except AdapterRejected:
-            self.artifacts.discard(ref)
+            if not any(r.artifacts.get("adapter") == ref for r in self.list()):
+                self.artifacts.discard(ref)  # the same content may be another expert's adapter
             raise
         meta = {
             "rank": ainfo.rank,
@@ -421,7 +428,13 @@ def _check_train_examples(spec: AnySpec) -> None:
 def _absolutise(spec: AnySpec, base_dir: Path | None) -> AnySpec:
     """Resolve a relative `path` against base_dir (or the cwd)."""
     if isinstance(spec, ModelSpec | LoraSpec):
-        p = Path(spec.path).expanduser()
+        try:
+            p = Path(spec.path).expanduser()
+        except RuntimeError:  # "~user/..." naming no user, or no home directory to expand "~"
+            raise SpecError(
+                f"path {spec.path!r}: cannot expand '~' (no such user or home directory)",
+                field="path",
+            ) from None
         if not p.is_absolute():
             p = (base_dir or Path.cwd()) / p
         return spec.model_copy(update={"path": str(p.absolute())})

@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from concilium.errors import Conflict, ExpertNotFound, RegistryError
-from concilium.registry.specs import LoraSpec, ModelSpec, RemoteSpec, parse_spec, spec_to_dict
+from concilium.registry.specs import (
+    LoraSpec,
+    ModelSpec,
+    RemoteSpec,
+    parse_spec,
+    spec_to_dict,
+    unicode_problem,
+)
 
 AnySpec = ModelSpec | LoraSpec | RemoteSpec
 
@@ -137,6 +144,8 @@ class RegistryStore:
 
     def remove(self, name: str) -> int:
         """Delete an expert (refused while adapters use it as base). Returns the new version."""
+        if not _storable(name):
+            raise ExpertNotFound(f"no expert named {name!r}")
         with self._write() as db:
             if not db.execute("SELECT 1 FROM experts WHERE name = ?", (name,)).fetchone():
                 raise ExpertNotFound(f"no expert named {name!r}")
@@ -156,16 +165,25 @@ class RegistryStore:
             return self._bump(db)
 
     def update_artifacts(
-        self, name: str, changes: dict[str, Any], expect: dict[str, Any] | None = None
+        self,
+        name: str,
+        changes: dict[str, Any],
+        expect: dict[str, Any] | None = None,
+        expect_version: int | None = None,
     ) -> int | None:
         """Merge `changes` into one row's artifacts and bump the version, in one transaction.
 
-        Returns the new version, or None (nothing written) when the row is gone or any `expect`
-        entry no longer matches (the expert was removed or re-registered meanwhile).
+        Returns the new version, or None (nothing written) when the row is gone, any `expect`
+        entry no longer matches, or the row was not added at `expect_version` (the expert was
+        removed or re-registered meanwhile, with the same artifacts or not).
         """
+        if not _storable(name):
+            return None
         with self._write() as db:
-            row = db.execute("SELECT artifacts FROM experts WHERE name = ?", (name,)).fetchone()
-            if row is None:
+            row = db.execute(
+                "SELECT artifacts, version FROM experts WHERE name = ?", (name,)
+            ).fetchone()
+            if row is None or (expect_version is not None and row[1] != expect_version):
                 return None
             current = json.loads(row[0])
             if any(current.get(k) != v for k, v in (expect or {}).items()):
@@ -177,6 +195,8 @@ class RegistryStore:
             return self._bump(db)
 
     def get(self, name: str) -> ExpertRecord:
+        if not _storable(name):
+            raise ExpertNotFound(f"no expert named {name!r}")
         with self._connect() as db:
             row = db.execute(
                 "SELECT spec, artifacts, created_at, version FROM experts WHERE name = ?", (name,)
@@ -203,6 +223,12 @@ class RegistryStore:
             ).fetchall()
             db.execute("COMMIT")
         return int(v[0]), [_record(r) for r in rows]
+
+
+def _storable(name: str) -> bool:
+    """Whether sqlite3 can bind `name`: one with a lone surrogate raises UnicodeEncodeError, and
+    no stored name has one (names are validated), so it names no expert."""
+    return unicode_problem(name) is None
 
 
 def _record(row: tuple[str, str, float, int]) -> ExpertRecord:

@@ -166,10 +166,16 @@ def _forbidden(ip: IPAddress) -> str | None:
     return None
 
 
+def _private(ip: IPAddress) -> bool:
+    """Not globally reachable; fec0::/10 (deprecated site-local) included, which ipaddress
+    calls global."""
+    return not ip.is_global or (isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local)
+
+
 def _check_ip(ip: IPAddress, url: str, allow_private: bool, via: str | None = None) -> None:
     inner = _unwrap(ip)
     shown = f"{via!r} resolves to {ip}" if via else f"{ip}"
     if reason := _forbidden(inner):
         raise UnsafeURL(f"{url!r}: host {shown}, which is {reason}")
-    if not allow_private and not inner.is_global:
+    if not allow_private and _private(inner):
         raise UnsafeURL(f"{url!r}: host {shown}, a private or loopback address (not allowed here)")
