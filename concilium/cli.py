@@ -222,6 +222,27 @@ def experts_rm(name: str, config: Path | None = ConfigOpt, home: Path | None = H
     out.print(f"removed {name}; registry version {version}")
 
 
+@experts_app.command("gc")
+def experts_gc(
+    grace_s: float = typer.Option(
+        600.0, "--grace-s", min=0, help="Keep artifacts written or reused this recently."
+    ),
+    config: Path | None = ConfigOpt,
+    home: Path | None = HomeOpt,
+) -> None:
+    """Delete stored artifacts no registered expert uses (what removals left behind)."""
+    from concilium.registry.artifacts import ArtifactStore
+    from concilium.registry.registry import referenced
+
+    store = _store(config, home)
+    artifacts = ArtifactStore(_config(config, home=home).home / "artifacts")
+    try:
+        removed = artifacts.gc(referenced(store.list()), grace_s=grace_s)
+    except (ConciliumError, OSError) as e:
+        _fail(str(e))
+    out.print(f"removed {len(removed)} unreferenced artifact(s)")
+
+
 # -- route / chat ------------------------------------------------------------------------------
 @app.command()
 def route(

@@ -82,3 +82,18 @@ def test_non_loopback_bind_needs_an_admin_key(monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(ConfigError, match="admin_api_key"):
         load_config(None, host="0.0.0.0")
     assert load_config(None, host="0.0.0.0", admin_api_key="k").host == "0.0.0.0"
+
+
+def test_gc_deletes_what_a_removal_left_and_keeps_what_is_registered(home: Path) -> None:
+    reg = Registry(home, HashEncoder())
+    kept, gone = (reg.get(n).artifacts["embeddings"] for n in ("alpha", "beta"))
+    assert runner.invoke(app, ["experts", "rm", "beta", "--home", str(home)]).exit_code == 0
+    r = runner.invoke(app, ["experts", "gc", "--home", str(home)])  # default grace: all too new
+    assert r.exit_code == 0 and "removed 0" in r.output
+    assert (home / "artifacts" / gone).exists()
+    r = runner.invoke(app, ["experts", "gc", "--grace-s", "0", "--home", str(home)])
+    assert r.exit_code == 0 and "removed 1" in r.output, r.output
+    assert not (home / "artifacts" / gone).exists() and (home / "artifacts" / kept).exists()
+    assert reg.get("alpha").artifacts["embeddings"] == kept
+    r = runner.invoke(app, ["experts", "gc", "--grace-s", "-1", "--home", str(home)])
+    assert r.exit_code == 2 and "Traceback" not in r.output

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import builtins
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +34,7 @@ from concilium.registry.index import (
     encode_texts,
     pack_tokens,
 )
-from concilium.registry.specs import LoraSpec, ModelSpec, RemoteSpec, parse_spec
+from concilium.registry.specs import MAX_TEXT, LoraSpec, ModelSpec, RemoteSpec, parse_spec
 from concilium.registry.store import AnySpec, ExpertRecord, RegistryStore
 
 log = logging.getLogger(__name__)
@@ -253,8 +253,7 @@ class Registry:
 
     def gc(self, grace_s: float = 600.0) -> builtins.list[str]:
         """Drop artifacts no registered expert refers to (older than `grace_s` seconds)."""
-        refs = {v for r in self.list() for k, v in r.artifacts.items() if k in _REF_KEYS}
-        return self.artifacts.gc(refs, grace_s=grace_s)
+        return self.artifacts.gc(referenced(self.list()), grace_s=grace_s)
 
     # -- steps ------------------------------------------------------------------------------
     def _exists(self, name: str) -> bool:
@@ -403,6 +402,11 @@ def pilot_texts(spec: AnySpec | Mapping[str, Any], cap: int = MAX_PILOTS) -> lis
 _REF_KEYS = ("adapter", "embeddings", "arrow", "phatgoose")
 
 
+def referenced(records: Iterable[ExpertRecord]) -> set[str]:
+    """The artifact refs the given rows use (what `ArtifactStore.gc` must keep)."""
+    return {v for r in records for k, v in r.artifacts.items() if k in _REF_KEYS}
+
+
 @contextmanager
 def _blame(field: str) -> Iterator[None]:
     """A validation step's errors that name no field name `field`, the spec field it checks."""
@@ -421,6 +425,11 @@ def _check_train_examples(spec: AnySpec) -> None:
             raise SpecError(
                 f"train_examples[{i}] must have exactly a non-empty 'prompt' and 'completion' "
                 f"(got keys {sorted(e)})",
+                field=f"train_examples.{i}",
+            )
+        if max(len(e["prompt"]), len(e["completion"])) > MAX_TEXT:
+            raise SpecError(
+                f"train_examples[{i}]: prompt and completion are at most {MAX_TEXT} characters",
                 field=f"train_examples.{i}",
             )
 

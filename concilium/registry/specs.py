@@ -18,6 +18,8 @@ from concilium.errors import SpecError
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 MAX_EXAMPLES = 64
 MAX_TEXT = 2000
+MAX_LABELS = 64  # categories, tags
+MAX_LABEL = 200
 
 
 def unicode_problem(value: Any) -> str | None:
@@ -121,6 +123,17 @@ class _SpecBase(BaseModel):
             raise ValueError(f"must be a finite number, got {v}")
         if (problem := unicode_problem(v)) is not None:
             raise ValueError(problem)
+        return v
+
+    @field_validator("categories", "tags")
+    @classmethod
+    def _labels_capped(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        if _stored(info):
+            return v
+        if len(v) > MAX_LABELS:
+            raise ValueError(f"at most {MAX_LABELS} entries, got {len(v)}")
+        if too_long := [x for x in v if len(x) > MAX_LABEL]:
+            raise ValueError(f"entries are at most {MAX_LABEL} characters, got {len(too_long[0])}")
         return v
 
     @field_validator("name")

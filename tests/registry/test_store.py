@@ -121,6 +121,15 @@ def test_bad_specs_are_rejected_and_registry_unchanged(tmp_path: Path) -> None:
         reg.register(remote_spec("meta", [], url="http://169.254.169.254/latest"))
     with pytest.raises(SpecError, match="base 'nope'"):
         reg.register({"kind": "lora", "name": "ad", "base": "nope", "path": str(tmp_path)})
+    # free-form fields are capped like the pilots: no spec stores megabytes of labels
+    with pytest.raises(SpecError, match="categories"):
+        reg.register(remote_spec("many", ["q"], categories=[f"c{i}" for i in range(65)]))
+    with pytest.raises(SpecError, match="tags"):
+        reg.register(remote_spec("long", ["q"], tags=["t" * 201]))
+    huge = [{"prompt": "p" * 2001, "completion": "c"}]
+    with pytest.raises(SpecError, match="at most 2000") as e:
+        reg.register(remote_spec("huge", ["q"], train_examples=huge))
+    assert e.value.field == "train_examples.0"
     assert reg.version() == 0 and reg.list() == []
 
 
