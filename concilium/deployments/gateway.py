@@ -75,7 +75,14 @@ class RayBackend:
                     asyncio.to_thread(deploy_expert_app, name, path, self.deployment, self.home)
                 )
                 self._deploying[name] = task
-            self.handles[name] = await asyncio.shield(task)
+            try:
+                self.handles[name] = await asyncio.shield(task)
+            except Exception as e:  # forget the failed start: the next request tries again
+                if self._deploying.get(name) is task:
+                    del self._deploying[name]
+                raise ExpertUnavailable(
+                    f"expert {target.expert!r}: its ExpertServer did not start ({e})"
+                ) from e
             self._late.add(name)
         return self.handles[name].options(multiplexed_model_id=target.adapter or "")
 
