@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import types
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -96,6 +97,12 @@ class ScalingConfig(BaseModel):
     def _bounds(self) -> ScalingConfig:
         if self.max_replicas < max(self.min_replicas, 1):
             raise ValueError(f"max_replicas {self.max_replicas} < min_replicas {self.min_replicas}")
+        initial = self.initial_replicas
+        if initial is not None and not self.min_replicas <= initial <= self.max_replicas:
+            raise ValueError(
+                f"initial_replicas {initial} is outside [min_replicas {self.min_replicas}, "
+                f"max_replicas {self.max_replicas}]"
+            )
         return self
 
     def autoscaling(self) -> dict[str, Any]:
@@ -201,7 +208,9 @@ class DeploymentConfig(BaseModel):
         try:
             return ExpertScalingConfig.model_validate(data)
         except ValidationError as e:
-            raise ValueError(f"deployment.experts.{name}: {e}") from None
+            loc, msg = _explain(e.errors()[0], ExpertScalingConfig)
+            where = ".".join(p for p in (f"deployment.experts.{name}", loc) if p)
+            raise ValueError(f"{where}: {msg}") from None
 
 
 class ServiceConfig(BaseModel):
@@ -278,7 +287,7 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServiceConfig:
     if path is not None:
         try:
             loaded = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as e:
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
             raise ConfigError(f"cannot read config {path}: {e}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config {path} must be a mapping, got {type(loaded).__name__}")
@@ -287,9 +296,8 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServiceConfig:
     try:
         cfg = ServiceConfig.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"invalid config field {loc}: {err['msg']}", field=loc) from None
+        loc, msg = _explain(e.errors()[0], ServiceConfig)
+        raise ConfigError(f"invalid config field {loc}: {msg}", field=loc) from None
     loopback = cfg.host in ("127.0.0.1", "localhost", "::1") or cfg.host.startswith("127.")
     if not loopback and cfg.admin_key() is None:
         raise ConfigError(
@@ -310,10 +318,67 @@ def _our_section(data: dict[str, Any]) -> dict[str, Any]:
     """Our settings from a plain config, or from a Serve YAML's first application args."""
     http: dict[str, Any] = {}
     if "applications" in data:
-        http = {k: v for k, v in (data.get("http_options") or {}).items() if k in ("host", "port")}
+        opts = _mapping(data.get("http_options") or {}, "http_options")
+        http = {k: v for k, v in opts.items() if k in ("host", "port")}
         apps = data["applications"] or [{}]
-        data = dict(apps[0].get("args") or {})
+        if not isinstance(apps, list):
+            raise ConfigError("the Serve config's 'applications' must be a list")
+        data = _mapping(_mapping(apps[0], "applications[0]").get("args") or {}, "args")
     section = data.get("concilium", data)
     if not isinstance(section, dict):
         raise ConfigError("the 'concilium' config section must be a mapping")
     return http | dict(section)
+
+
+def _mapping(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"the config's {what!r} must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _explain(err: Any, root: type[BaseModel]) -> tuple[str, str]:
+    """(dotted field, message) of a validation error of `root`; a key typo lists the valid keys
+    and a missing `kind` the valid kinds (a tagged union's tag is left out of the field)."""
+    shown: list[str] = []
+    holder: Any = None
+    tp: Any = root
+    for part in err["loc"]:
+        holder = tp
+        tp, is_tag = _step(tp, part)
+        if not is_tag:
+            shown.append(str(part))
+    msg = str(err["msg"])
+    if err["type"] == "extra_forbidden" and _is_model(holder):
+        msg += f" (valid keys: {', '.join(sorted(holder.model_fields))})"
+    if err["type"] == "union_tag_not_found" and _kinds(tp):
+        msg += f" (valid kinds: {', '.join(_kinds(tp))})"
+    return ".".join(shown), msg
+
+
+def _step(tp: Any, part: Any) -> tuple[Any, bool]:
+    """(the type at `part` inside `tp`, or None when it cannot be followed; whether `part` is a
+    tagged union's tag)."""
+    if get_origin(tp) is Annotated:
+        tp = get_args(tp)[0]
+    if _is_model(tp):
+        field = tp.model_fields.get(str(part))
+        return (None if field is None else field.annotation), False
+    if get_origin(tp) is dict:
+        return get_args(tp)[1], False
+    if part in _kinds(tp):
+        return next(m for m in get_args(tp) if _kinds(m) == [part]), True
+    return None, False
+
+
+def _kinds(tp: Any) -> list[str]:
+    """The `kind` tags of a union of configs (of one config), else []."""
+    if get_origin(tp) is Annotated:
+        tp = get_args(tp)[0]
+    if get_origin(tp) in (Union, types.UnionType):
+        return [k for m in get_args(tp) for k in _kinds(m)]
+    field = tp.model_fields.get("kind") if _is_model(tp) else None
+    return [] if field is None else [str(k) for k in get_args(field.annotation)]
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)

@@ -45,25 +45,32 @@ class MicroBatcher(Generic[In, Out]):
 
     async def _run(self, queue: asyncio.Queue[_Pending[In, Out]]) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            batch = [await queue.get()]
-            deadline = loop.time() + self.window_s
-            while len(batch) < self.max_batch:
-                try:  # everything already waiting joins, whatever the window says
-                    batch.append(queue.get_nowait())
-                    continue
-                except asyncio.QueueEmpty:
-                    pass
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(queue.get(), remaining))
-                except TimeoutError:
-                    break
-            live = [p for p in batch if not p.future.done()]
-            if live:
-                await self._deliver(live)
+        batch: list[_Pending[In, Out]] = []
+        try:
+            while True:
+                batch = [await queue.get()]
+                deadline = loop.time() + self.window_s
+                while len(batch) < self.max_batch:
+                    try:  # everything already waiting joins, whatever the window says
+                        batch.append(queue.get_nowait())
+                        continue
+                    except asyncio.QueueEmpty:
+                        pass
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        batch.append(await asyncio.wait_for(queue.get(), remaining))
+                    except TimeoutError:
+                        break
+                live = [p for p in batch if not p.future.done()]
+                if live:
+                    await self._deliver(live)
+        finally:  # cancelled: no submitter waits forever for a batch that will never run
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            for p in batch:
+                p.future.cancel()
 
     async def _deliver(self, live: list[_Pending[In, Out]]) -> None:
         try:

@@ -36,6 +36,7 @@ class GenRequest:
     messages: Sequence[Message]
     params: GenParams
     adapter: str | None = None  # ignored when params.token_routing or params.fusion is set
+    adapter_path: str | None = None  # set: the adapter is (re)loaded if another evicted it
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +64,8 @@ def _layout(requests: Sequence[GenRequest]) -> _Layout:
     for r in requests:
         f = r.params.fusion
         if f is None:
+            if r.adapter is not None and r.adapter_path is not None:
+                loads.append((r.adapter, r.adapter_path))
             groups.append([len(rows)])
             rows.append(r)
             log_weights.append(None)
@@ -95,13 +98,16 @@ def decode(
         prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
     )
     ids, attn = enc["input_ids"], enc["attention_mask"]  # [B, T] physical rows
-    budget = lm.max_context - ids.shape[1]
-    if budget <= 0:
+    # each request's own prompt length [N] (not the padded width: positions are per row)
+    lens = [int(attn[g[0]].sum()) for g in lay.groups]
+    if max(lens) >= lm.max_context:
         raise InvalidInput(
-            f"prompt of {ids.shape[1]} tokens exceeds the context of {lm.max_context}",
+            f"prompt of {max(lens)} tokens exceeds the context of {lm.max_context}",
             field="messages",
         )
-    max_new = [min(r.params.max_tokens, budget) for r in requests]
+    max_new = [
+        min(r.params.max_tokens, lm.max_context - n) for r, n in zip(requests, lens, strict=True)
+    ]
     kw = _adapter_kwargs(lm, lay.rows, lay.loads)
     mixtures: dict[int, MixtureRow] = dict(lm.bank.mixtures) if lm.bank is not None else {}
     gens = [Row(r.params, tok, n) for r, n in zip(requests, max_new, strict=True)]
@@ -224,10 +230,13 @@ class Row:
 
     def settled(self) -> str:
         """The text that no later stop sequence can retract (all of it once done)."""
-        if self.done or not self.params.stop:
+        if self.done:
             return self.text
+        text = self.text.rstrip("\ufffd")  # a character whose last bytes are still to come
+        if not self.params.stop:
+            return text
         hold = max(len(s) for s in self.params.stop) - 1
-        return self.text[: max(len(self.text) - hold, 0)]
+        return text[: max(len(text) - hold, 0)]
 
     def result(self, prompt_tokens: int) -> Generation:
         if not self.params.stop:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import httpx
@@ -72,6 +72,21 @@ def needed_adapters(target: Target, params: GenParams) -> list[tuple[str, str]]:
     return [(target.adapter, target.adapter_path)]
 
 
+def decode_rows(lm: LocalCausalLM) -> Callable[[list[GenRequest]], list[Generation | Exception]]:
+    """`lm.generate_batch`, except that a batch that fails is decoded again row by row: one bad
+    request (a prompt past the context, a mixture it cannot run) fails only itself."""
+
+    def run(requests: list[GenRequest]) -> list[Generation | Exception]:
+        try:
+            return list(lm.generate_batch(requests))
+        except Exception as e:
+            if len(requests) == 1:
+                return [e]
+        return [run([r])[0] for r in requests]
+
+    return run
+
+
 class ExpertPool:
     """The in-process ExpertBackend."""
 
@@ -91,7 +106,7 @@ class ExpertPool:
         self.window_s = batch_window_ms / 1000
         self._models: dict[str, LocalCausalLM] = {}
         self._encoders: dict[tuple[str, str | None], SentenceEncoder] = {}
-        self._batchers: dict[str, MicroBatcher[GenRequest, Generation]] = {}
+        self._batchers: dict[str, MicroBatcher[GenRequest, Generation | Exception]] = {}
         self._lock = threading.Lock()
 
     def model(self, path: str | Path) -> LocalCausalLM:
@@ -112,8 +127,13 @@ class ExpertPool:
         lm = await self._ready(target, params)
         key = target.model_path
         if key not in self._batchers:
-            self._batchers[key] = MicroBatcher(lm.generate_batch, self.max_batch, self.window_s)
-        return await self._batchers[key].submit(GenRequest(messages, params, target.adapter))
+            self._batchers[key] = MicroBatcher(decode_rows(lm), self.max_batch, self.window_s)
+        out = await self._batchers[key].submit(
+            GenRequest(messages, params, target.adapter, target.adapter_path)
+        )
+        if isinstance(out, Exception):
+            raise out
+        return out
 
     async def _remote_chat(
         self, target: Target, messages: Sequence[Message], params: GenParams
@@ -121,10 +141,15 @@ class ExpertPool:
         assert target.remote is not None
         key = target.expert
         self.breaker.check(key)
+        trial = self.breaker.is_open(key)  # admitted while open: the half-open trial call
         try:
             gen = await RemoteExpert(target.remote, self.client).chat(messages, params)
         except ExpertFailed:
             self.breaker.failure(key)
+            raise
+        except asyncio.CancelledError:  # a trial cut short (deadline) must not hold the slot
+            if trial:
+                self.breaker.failure(key)
             raise
         self.breaker.success(key)
         return gen
@@ -139,7 +164,9 @@ class ExpertPool:
             yield gen
             return
         lm = await self._ready(target, params)
-        async for item in stream_local(lm, GenRequest(messages, params, target.adapter)):
+        async for item in stream_local(
+            lm, GenRequest(messages, params, target.adapter, target.adapter_path)
+        ):
             yield item
 
     async def _ready(self, target: Target, params: GenParams) -> LocalCausalLM:

@@ -1,12 +1,16 @@
 """A remote OpenAI-compatible expert, called over an injected `httpx.AsyncClient`.
 
-Transport failures map onto the exception tree: timeouts → ExpertTimeout, connection errors and
-5xx/429 → ExpertUnavailable, other non-2xx or a malformed body → ExpertFailed. The API key is read
+Transport failures map onto the exception tree: timeouts (of the whole exchange, not of each read)
+→ ExpertTimeout, connection errors and 5xx/429 → ExpertUnavailable, other non-2xx, a body over
+`MAX_BODY_BYTES` or a malformed one → ExpertFailed. The API key is read
 from the environment variable the spec names, at call time (never stored in the registry).
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -16,6 +20,8 @@ import httpx
 from concilium.errors import ExpertFailed, ExpertTimeout, ExpertUnavailable
 from concilium.experts.base import Generation, GenParams, Message
 from concilium.registry.specs import RemoteSpec
+
+MAX_BODY_BYTES = 64 * 2**20  # a response body larger than this is refused, not buffered
 
 
 class RemoteExpert:
@@ -33,27 +39,40 @@ class RemoteExpert:
     async def _post(self, path: str, body: dict[str, Any], timeout: float | None) -> dict[str, Any]:
         url = self.spec.url.rstrip("/") + path
         name = self.spec.name
-        try:
-            r = await self.client.post(
-                url, json=body, headers=self._headers(), timeout=timeout or self.spec.timeout_s
-            )
-        except httpx.TimeoutException as e:
-            raise ExpertTimeout(f"remote expert {name!r} timed out ({url})") from e
+        limit = timeout or self.spec.timeout_s
+        try:  # httpx's timeout bounds each read, not the whole exchange: a trickle never ends
+            async with asyncio.timeout(limit):
+                status, content = await self._exchange(url, body, limit)
+        except (httpx.TimeoutException, TimeoutError) as e:
+            raise ExpertTimeout(f"remote expert {name!r} timed out after {limit} s ({url})") from e
         except httpx.HTTPError as e:
             raise ExpertUnavailable(f"remote expert {name!r} unreachable ({url}): {e!s}") from e
-        if r.status_code == 429 or r.status_code >= 500:
-            raise ExpertUnavailable(f"remote expert {name!r} answered HTTP {r.status_code}")
-        if r.status_code >= 300:
-            raise ExpertFailed(
-                f"remote expert {name!r} answered HTTP {r.status_code}: {r.text[:200]}"
-            )
+        if status == 429 or status >= 500:
+            raise ExpertUnavailable(f"remote expert {name!r} answered HTTP {status}")
+        if status >= 300:
+            text = content[:200].decode(errors="replace")
+            raise ExpertFailed(f"remote expert {name!r} answered HTTP {status}: {text}")
         try:
-            data = r.json()
+            data = json.loads(content)
         except ValueError as e:
             raise ExpertFailed(f"remote expert {name!r} returned a non-JSON body") from e
         if not isinstance(data, dict):
             raise ExpertFailed(f"remote expert {name!r} returned a non-object body")
         return data
+
+    async def _exchange(self, url: str, body: dict[str, Any], limit: float) -> tuple[int, bytes]:
+        """(status, body) of one POST; a body past MAX_BODY_BYTES is refused unread."""
+        headers = self._headers()
+        async with self.client.stream("POST", url, json=body, headers=headers, timeout=limit) as r:
+            chunks, size = [], 0
+            async for chunk in r.aiter_bytes():
+                size += len(chunk)
+                if size > MAX_BODY_BYTES:
+                    raise ExpertFailed(
+                        f"remote expert {self.spec.name!r} sent a body over {MAX_BODY_BYTES} bytes"
+                    )
+                chunks.append(chunk)
+            return r.status_code, b"".join(chunks)
 
     async def chat(
         self, messages: Sequence[Message], params: GenParams, timeout: float | None = None
@@ -74,13 +93,18 @@ class RemoteExpert:
             choice = data["choices"][0]
             text = choice["message"]["content"] or ""
             usage = data.get("usage") or {}
+            finish = choice.get("finish_reason") or "stop"
+            if not isinstance(text, str) or not isinstance(finish, str):
+                raise TypeError(f"content {text!r} / finish_reason {finish!r} is not a string")
+            if not isinstance(usage, dict):
+                raise TypeError(f"usage {usage!r} is not an object")
             return Generation(
-                text=str(text),
+                text=text,
                 prompt_tokens=int(usage.get("prompt_tokens", 0)),
                 completion_tokens=int(usage.get("completion_tokens", 0)),
-                finish_reason=str(choice.get("finish_reason") or "stop"),
+                finish_reason=finish,
             )
-        except (KeyError, IndexError, TypeError, ValueError) as e:
+        except (KeyError, IndexError, TypeError, ValueError, OverflowError) as e:
             raise ExpertFailed(
                 f"remote expert {self.spec.name!r} returned a malformed completion: {e!r}"
             ) from e
@@ -91,8 +115,20 @@ class RemoteExpert:
         )
         try:
             rows = sorted(data["data"], key=lambda d: d["index"])
-            return [[float(x) for x in d["embedding"]] for d in rows]
+            if [d["index"] for d in rows] != list(range(len(texts))):
+                raise ValueError(f"indices {[d['index'] for d in rows]} for {len(texts)} inputs")
+            vecs = [[float(x) for x in _array(d["embedding"])] for d in rows]
+            if not all(math.isfinite(x) for v in vecs for x in v):
+                raise ValueError("an embedding holds a non-finite value")
+            return vecs
         except (KeyError, TypeError, ValueError) as e:
             raise ExpertFailed(
                 f"remote expert {self.spec.name!r} returned malformed embeddings: {e!r}"
             ) from e
+
+
+def _array(value: Any) -> list[Any]:
+    """A JSON array, or TypeError (a string would pass as a vector of its characters)."""
+    if not isinstance(value, list):
+        raise TypeError(f"an embedding is a {type(value).__name__}, not an array")
+    return value

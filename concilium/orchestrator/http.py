@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -51,6 +53,35 @@ def status_of(err: E.ConciliumError) -> int:
 def error_body(message: str, err_type: str, field: str | None = None) -> dict[str, Any]:
     """OpenAI's error envelope; `param` names the offending field."""
     return {"error": {"message": message, "type": err_type, "param": field, "code": None}}
+
+
+class _JSON(JSONResponse):
+    """An answer's JSON with non-ASCII escaped, as in the SSE chunks: an expert's text may hold
+    a lone surrogate (a remote's `\\ud83d` escape), which has no UTF-8 encoding."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode()
+
+
+_DONE = b"data: [DONE]\n\n"
+
+
+async def _observed(events: AsyncIterator[bytes], metrics: Metrics) -> AsyncIterator[bytes]:
+    """The SSE stream; the routing object of its last chunk (the one before [DONE]) is counted
+    in the metrics as a whole answer's is."""
+    last = b""
+    try:
+        async for chunk in events:
+            if chunk == _DONE and last.startswith(b"data: "):
+                routing = json.loads(last.removeprefix(b"data: ")).get("routing")
+                if routing is not None:
+                    metrics.observe_routing(routing)
+            last = chunk
+            yield chunk
+    finally:
+        close = getattr(events, "aclose", None)
+        if close is not None:
+            await close()
 
 
 def create_app(service: Service, instance: str = "local") -> FastAPI:
@@ -123,16 +154,17 @@ def _inference_routes(app: FastAPI, service: Service) -> None:
     async def chat(req: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
         if req.stream:
             headers, events = await orch.chat_stream(req)
-            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+            stream = _observed(events, metrics)
+            return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
         out = await orch.chat(req)
         metrics.observe_routing(out.body["routing"])
-        return JSONResponse(out.body, headers=out.headers)
+        return _JSON(out.body, headers=out.headers)
 
     @app.post("/v1/embeddings", dependencies=[Depends(user)])
     async def embeddings(req: EmbeddingRequest) -> JSONResponse:
         out = await orch.embeddings(req)
         metrics.observe_routing(out.body["routing"])
-        return JSONResponse(out.body, headers=out.headers)
+        return _JSON(out.body, headers=out.headers)
 
 
 def _feedback_routes(app: FastAPI, service: Service) -> None:

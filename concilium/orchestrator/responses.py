@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import numpy as np
 
@@ -77,8 +79,8 @@ def routing_object(
         "confidence": round(d.confidence, 6),
         "reason": d.reason,
         "scores": {k: round(v, 6) for k, v in top},
-        "estimated_cost": chosen.est_cost if chosen else None,
-        "estimated_latency_ms": chosen.est_latency_ms if chosen else None,
+        "estimated_cost": _finite(chosen.est_cost) if chosen else None,
+        "estimated_latency_ms": _finite(chosen.est_latency_ms) if chosen else None,
         "cost": cost,
         "active_parameters": entry.candidate.params_active,
         "latency_ms": round(latency_ms, 3),
@@ -91,8 +93,8 @@ def routing_object(
         out |= {
             "experts": list(p.experts),
             "weights": [round(w, 6) for w in p.weights],
-            "estimated_cost": p.est_cost,
-            "estimated_latency_ms": p.est_latency_ms,
+            "estimated_cost": _finite(p.est_cost),
+            "estimated_latency_ms": _finite(p.est_latency_ms),
             "active_parameters": ran.active_params,
             "plan": {"value": round(p.value, 6), "exact": p.exact},
             "members": [m.summary() for m in ran.members],
@@ -101,13 +103,24 @@ def routing_object(
     return out
 
 
+def _finite(x: float | None) -> float | None:
+    """None for an estimate JSON cannot hold (a legacy spec's infinite expected latency)."""
+    return x if x is None or math.isfinite(x) else None
+
+
+def header_value(text: str) -> str:
+    """`text` as a valid HTTP header value: percent-encoded past the unreserved characters, so
+    a registry name (NAME_RE) is unchanged and a legacy one ending in a newline is no error."""
+    return quote(text, safe="")
+
+
 def routing_headers(routing: Mapping[str, Any]) -> dict[str, str]:
     """The x-concilium-* response headers for a routing object."""
     top5 = dict(list(routing["scores"].items())[:5])
     return {
         "x-concilium-decision-id": str(routing["decision_id"]),
-        "x-concilium-router": str(routing["router"]),
-        "x-concilium-expert": str(routing["expert"]),
+        "x-concilium-router": header_value(str(routing["router"])),
+        "x-concilium-expert": header_value(str(routing["expert"])),
         "x-concilium-confidence": f"{routing['confidence']:.4f}",
         "x-concilium-scores": json.dumps(top5, separators=(",", ":")),
         "x-concilium-estimated-cost": f"{routing['estimated_cost'] or 0:.8g}",

@@ -138,7 +138,7 @@ class ChatCompletionRequest(_Body):
     @field_validator("stop")
     @classmethod
     def _stop_ok(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(v, list) and (len(v) > 4 or any(not s for s in v)):
+        if v == "" or (isinstance(v, list) and (len(v) > 4 or any(not s for s in v))):
             raise ValueError("stop takes at most 4 non-empty strings")
         return v
 
@@ -172,7 +172,12 @@ class FeedbackRequest(_Body):
         max_length=128,
         description="routing.decision_id (or the x-concilium-decision-id header) of the answer.",
     )
-    score: float = Field(ge=0, le=1, description="Quality of the answer: 0 = wrong, 1 = right.")
+    score: float = Field(
+        ge=0,
+        le=1,
+        strict=True,  # a number: true or "0.5" is a 400, not a score of 1.0 / 0.5
+        description="Quality of the answer: 0 = wrong, 1 = right.",
+    )
 
 
 def model_card(model_id: str, owned_by: str, **extra: Any) -> dict[str, Any]:

@@ -15,13 +15,14 @@ import queue
 import sqlite3
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from concilium.errors import InvalidInput
+from concilium.errors import Conflict, InvalidInput
 from concilium.outcomes.table import OutcomeTable
 
 log = logging.getLogger(__name__)
@@ -195,7 +196,8 @@ class OutcomeStore:
 
     # -- feedback and reads -----------------------------------------------------------------------
     def feedback(self, decision_id: str, score: float, *, wait_s: float = 0.5) -> bool:
-        """Attach a quality score in [0, 1] to a logged decision; False if the id is unknown.
+        """Attach a quality score in [0, 1] to a logged decision; False if the id is unknown,
+        Conflict if the decision has its score already.
 
         A decision logged by another gateway process may still sit in that process's queue, so
         an unknown id is re-checked for up to `wait_s`.
@@ -207,15 +209,28 @@ class OutcomeStore:
         with self._connect() as db:
             while True:
                 db.execute("BEGIN IMMEDIATE")
-                n = db.execute(
-                    "UPDATE outcomes SET quality = ? WHERE decision_id = ?", (score, decision_id)
-                ).rowcount
-                if n:
-                    db.execute("UPDATE meta SET value = value + 1 WHERE key = 'version'")
+                n, scored = self._score(db, decision_id, score)
                 db.execute("COMMIT")
+                if scored:
+                    raise Conflict(
+                        f"decision_id {decision_id!r} has feedback already", field="decision_id"
+                    )
                 if n or time.monotonic() >= give_up:
                     return bool(n)
                 time.sleep(0.05)
+
+    @staticmethod
+    def _score(db: sqlite3.Connection, decision_id: str, score: float) -> tuple[int, bool]:
+        """(rows scored, whether the decision was scored before); inside a write transaction."""
+        n = db.execute(
+            "UPDATE outcomes SET quality = ? WHERE decision_id = ? AND quality IS NULL",
+            (score, decision_id),
+        ).rowcount
+        if n:
+            db.execute("UPDATE meta SET value = value + 1 WHERE key = 'version'")
+            return n, False
+        row = db.execute("SELECT 1 FROM outcomes WHERE decision_id = ?", (decision_id,))
+        return 0, row.fetchone() is not None
 
     def get(self, decision_id: str) -> dict[str, object] | None:
         self.flush()
@@ -267,6 +282,12 @@ class OutcomeStore:
         """
         if embeddings.shape[0] != len(table):
             raise InvalidInput(f"{embeddings.shape[0]} embeddings for {len(table)} queries")
+        repeated = sorted(k for k, n in Counter(table.sample_ids).items() if n > 1)
+        if repeated:
+            raise InvalidInput(
+                f"sample ids must be unique in an imported table: {repeated[:5]} repeat",
+                field="sample_id",
+            )
         now = time.time()
         rows = []
         for i in range(len(table)):

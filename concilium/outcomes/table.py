@@ -145,16 +145,15 @@ class OutcomeTable:
             ]
             header = [str(c) for c in frame.columns]
         else:
-            with path.open(newline="") as f:
-                reader = csv.DictReader(f)
-                header = list(reader.fieldnames or [])
-                records = list(reader)
+            header, records = _read_csv(path)
         return cls.from_records(header, records, source=str(path))
 
     @classmethod
     def from_records(
         cls, header: Sequence[str], records: Sequence[dict[str, object]], *, source: str = "table"
     ) -> OutcomeTable:
+        if not header:
+            raise InvalidInput(f"{source} is empty (no header row)")
         if "prompt" not in header:
             raise InvalidInput(f"{source}: RouterBench layout needs a 'prompt' column")
         experts = [
@@ -164,6 +163,9 @@ class OutcomeTable:
             raise InvalidInput(
                 f"{source}: no expert columns (an expert needs '<name>' and '<name>{COST}')"
             )
+        _check_expert_columns(header, experts, source)
+        if not records:
+            raise InvalidInput(f"{source}: no rows (an outcome table needs at least one query)")
         q, e = len(records), len(experts)
         arrays = {k: np.zeros((q, e)) for k in ("quality", "cost", "latency_ms")}
         conf = np.full((q, e), np.nan)
@@ -181,7 +183,9 @@ class OutcomeTable:
             if answers is not None:
                 answers.append([str(r.get(x + RESPONSE, "")) for x in experts])
         return cls(
-            sample_ids=[str(r.get("sample_id") or i) for i, r in enumerate(records)],
+            sample_ids=_unique_ids(
+                [str(r.get("sample_id") or i) for i, r in enumerate(records)], source
+            ),
             prompts=[str(r["prompt"]) for r in records],
             families=[str(r.get("eval_name") or "") for r in records],
             experts=experts,
@@ -202,9 +206,53 @@ def _number(v: object, source: str, row: int, col: str, *, default: float | None
         x = float(v)  # type: ignore[arg-type]  # float() of an arbitrary cell
     except (TypeError, ValueError):
         raise InvalidInput(f"{source}: row {row}, column {col!r}: {v!r} is not a number") from None
+    if col.endswith(CONFIDENCE):
+        return x  # NaN: unknown
+    where = f"{source}: row {row}, column {col!r}"
+    if not math.isfinite(x):
+        raise InvalidInput(f"{where}: {x} is not a finite number")
     if col.endswith(COST) and x < 0:
-        raise InvalidInput(f"{source}: row {row}, column {col!r}: negative cost {x}")
+        raise InvalidInput(f"{where}: negative cost {x}")
+    if col.endswith(LATENCY) and x < 0:
+        raise InvalidInput(f"{where}: negative latency {x}")
+    if "|" not in col and not 0.0 <= x <= 1.0:
+        raise InvalidInput(f"{where}: quality {x} is outside [0, 1]")
     return x
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[dict[str, object]]]:
+    """(header, rows) of a UTF-8 CSV file (a byte-order mark is dropped)."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            return list(reader.fieldnames or []), list(reader)
+    except UnicodeDecodeError as e:
+        raise InvalidInput(
+            f"{path}: not UTF-8 text ({e.reason} at byte {e.start})", field="path"
+        ) from None
+    except csv.Error as e:
+        raise InvalidInput(f"{path}: not a readable CSV file: {e}", field="path") from None
+
+
+def _check_expert_columns(header: Sequence[str], experts: Sequence[str], source: str) -> None:
+    """Every `<name>|<suffix>` column belongs to an expert that has its quality and cost."""
+    for c in header:
+        name, _, suffix = c.partition("|")
+        if "|" + suffix in (COST, LATENCY, CONFIDENCE, RESPONSE) and name not in experts:
+            missing = name if name not in header else name + COST
+            raise InvalidInput(
+                f"{source}: column {c!r} names expert {name!r}, which needs the columns "
+                f"{name!r} and {name + COST!r} ({missing!r} is missing)"
+            )
+
+
+def _unique_ids(ids: list[str], source: str) -> list[str]:
+    first: dict[str, int] = {}
+    for i, sid in enumerate(ids):
+        if sid in first:
+            raise InvalidInput(f"{source}: sample_id {sid!r} is in rows {first[sid]} and {i}")
+        first[sid] = i
+    return ids
 
 
 def _pandas(path: Path) -> Any:

@@ -20,6 +20,19 @@ MAX_EXAMPLES = 64
 MAX_TEXT = 2000
 MAX_LABELS = 64  # categories, tags
 MAX_LABEL = 200
+# ceilings that keep every estimate finite (a price near the float maximum overflows once
+# multiplied by a token count)
+MAX_PRICE = 1e6  # per 1k tokens
+MAX_PARAMS = 10**15
+MAX_MS = 1e9
+CEILINGS = {
+    "price_in_per_1k": MAX_PRICE,
+    "price_out_per_1k": MAX_PRICE,
+    "energy_j_per_1k_tokens": MAX_PRICE,
+    "params_total": MAX_PARAMS,
+    "params_active": MAX_PARAMS,
+    "expected_latency_ms": MAX_MS,
+}
 
 
 def unicode_problem(value: Any) -> str | None:
@@ -86,14 +99,20 @@ class _SpecBase(BaseModel):
         default_factory=list, description="CoE categories this expert serves."
     )
     price_in_per_1k: float = Field(
-        default=0.0, ge=0, description="Price per 1k input tokens, in the caller's unit."
+        default=0.0,
+        ge=0,
+        description="Price per 1k input tokens, in the caller's unit.",
     )
     price_out_per_1k: float = Field(
-        default=0.0, ge=0, description="Price per 1k output tokens, in the caller's unit."
+        default=0.0,
+        ge=0,
+        description="Price per 1k output tokens, in the caller's unit.",
     )
     params_total: int | None = Field(default=None, ge=0, description="Total parameter count.")
     params_active: int | None = Field(
-        default=None, ge=0, description="Parameters active per token (MoE / adapters)."
+        default=None,
+        ge=0,
+        description="Parameters active per token (MoE / adapters).",
     )
     tags: list[str] = Field(default_factory=list, description="Free-form labels.")
     expected_latency_ms: float | None = Field(
@@ -123,6 +142,14 @@ class _SpecBase(BaseModel):
             raise ValueError(f"must be a finite number, got {v}")
         if (problem := unicode_problem(v)) is not None:
             raise ValueError(problem)
+        return v
+
+    @field_validator(*CEILINGS)
+    @classmethod
+    def _below_ceiling(cls, v: float | None, info: ValidationInfo) -> float | None:
+        top = CEILINGS[str(info.field_name)]
+        if v is not None and v > top and not _stored(info):
+            raise ValueError(f"must be at most {top:g}")
         return v
 
     @field_validator("categories", "tags")

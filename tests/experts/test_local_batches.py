@@ -1,0 +1,178 @@
+"""A batch row gets what it would alone; streams never send text they must retract."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from concilium.errors import InvalidInput
+from concilium.experts import local
+from concilium.experts.base import GenParams, Target, TokenRoutingParams
+from concilium.experts.batching import MicroBatcher
+from concilium.experts.decode import Row
+from concilium.experts.local import GenRequest, LocalCausalLM
+from concilium.experts.pool import ExpertPool
+from tests.conftest import no_hang
+
+SKILL = "reverse"
+
+
+@pytest.fixture(scope="module")
+def query(pack_dir: Path) -> list[dict[str, str]]:
+    rows = [json.loads(x) for x in (pack_dir / "heldout.jsonl").read_text().splitlines() if x]
+    return [{"role": "user", "content": next(r for r in rows if r["skill"] == SKILL)["query"]}]
+
+
+def test_a_short_row_beside_a_long_prompt_gets_its_own_token_budget(
+    pack_dir: Path, query: list[dict[str, str]]
+) -> None:
+    lm = LocalCausalLM(pack_dir / "base", max_adapters=1)
+    lm.ensure_adapter(SKILL, pack_dir / "adapters" / SKILL)
+    alone = lm.generate(query, GenParams(max_tokens=40), SKILL)
+    long = [{"role": "user", "content": "x" * (lm.max_context - 6)}]  # leaves ~3 tokens
+    assert (
+        len(lm.tokenizer(lm.prompt(long))["input_ids"]) > lm.max_context - alone.completion_tokens
+    )
+    batched = lm.generate_batch(
+        [GenRequest(query, GenParams(max_tokens=40), SKILL), GenRequest(long, GenParams(), None)]
+    )
+    assert (batched[0].text, batched[0].finish_reason) == (alone.text, alone.finish_reason)
+    assert batched[1].completion_tokens <= lm.max_context - len(lm.tokenizer(lm.prompt(long))[0])
+
+
+def test_one_bad_request_in_a_batch_fails_only_itself(
+    pack_dir: Path, query: list[dict[str, str]]
+) -> None:
+    base = str(pack_dir.absolute() / "base")
+    adapter = str(pack_dir.absolute() / "adapters" / SKILL)
+    good = Target(SKILL, "lora", "demo-moe", base, SKILL, adapter)
+    plain = Target("demo-moe", "model", "demo-moe", base)
+    too_long = [{"role": "user", "content": "x" * 400}]
+    no_gate = GenParams(token_routing=TokenRoutingParams("phatgoose", 1, ((SKILL, adapter),)))
+
+    async def go() -> list[Any]:
+        pool = ExpertPool(max_adapters=2, batch_window_ms=500)  # all three share one batch
+        try:
+            await pool.chat(good, query, GenParams(max_tokens=1))  # loaded before the batch
+            return await asyncio.gather(
+                pool.chat(good, query, GenParams(max_tokens=40)),
+                pool.chat(plain, too_long, GenParams(max_tokens=4)),
+                pool.chat(plain, query, no_gate),
+                return_exceptions=True,
+            )
+        finally:
+            await pool.aclose()
+
+    with no_hang(120, "the pool"):
+        ok, long_err, gate_err = asyncio.run(go())
+    assert isinstance(long_err, InvalidInput) and "exceeds the context" in str(long_err)
+    assert isinstance(gate_err, InvalidInput) and "no phatgoose gate" in str(gate_err)
+    lm = LocalCausalLM(Path(base), max_adapters=1)
+    lm.ensure_adapter(SKILL, adapter)
+    assert (
+        not isinstance(ok, BaseException)
+        and ok.text == lm.generate(query, GenParams(max_tokens=40), SKILL).text
+    )
+
+
+def _byte_tokenizer() -> Any:
+    """A byte-level BPE with no merges (GPT-2's alphabet): '€' is three tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["</s>"] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", pad_token="</s>")
+
+
+@pytest.mark.parametrize("stop", [(), ("zz",)])
+def test_a_stream_never_sends_half_a_multibyte_character(
+    monkeypatch: pytest.MonkeyPatch, stop: tuple[str, ...]
+) -> None:
+    import torch
+
+    tok = _byte_tokenizer()
+    answer = tok("a€b", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+    def scripted_decode(
+        lm: Any, requests: Sequence[GenRequest], on_step: Callable[[Sequence[Row]], bool]
+    ) -> list[Any]:  # the decode loop's Row and on_step protocol, with scripted logits
+        row = Row(requests[0].params, tok, 16)
+        for t in answer:
+            logits = torch.full((len(tok),), -1e9)
+            logits[t] = 0.0
+            row.step(logits)
+            if row.done or not on_step([row]):
+                break
+        return [row.result(0)]
+
+    monkeypatch.setattr(local, "decode", scripted_decode)
+    stub = SimpleNamespace(_lock=threading.RLock())
+    pieces: list[str] = []
+    request = GenRequest([], GenParams(stop=stop))
+    gen = LocalCausalLM.generate_stream(stub, request, lambda t: pieces.append(t) or True)  # type: ignore[arg-type]
+    assert gen.text == "a€b"
+    assert "".join(pieces) == gen.text and "\ufffd" not in "".join(pieces)
+
+
+def test_cancelling_the_batcher_releases_every_waiter() -> None:
+    release = threading.Event()
+
+    def fn(items: list[int]) -> list[int]:
+        release.wait(10)
+        return items
+
+    async def main() -> list[Any]:
+        b: MicroBatcher[int, int] = MicroBatcher(fn, max_batch=1, window_s=0.0)
+        running = asyncio.create_task(b.submit(1))
+        await asyncio.sleep(0.05)  # the first batch is in its worker thread
+        queued = asyncio.create_task(b.submit(2))
+        await asyncio.sleep(0.01)
+        b.cancel()  # the pool's aclose()
+        try:
+            return await asyncio.gather(running, queued, return_exceptions=True)
+        finally:
+            release.set()
+
+    with no_hang(5, "the waiters"):
+        out = asyncio.run(main())
+    assert all(isinstance(o, asyncio.CancelledError) for o in out)
+
+
+def test_concurrent_requests_for_more_adapters_than_the_lru_holds_all_answer(
+    pack_dir: Path,
+) -> None:
+    rows = [json.loads(x) for x in (pack_dir / "heldout.jsonl").read_text().splitlines() if x]
+    skills = ["reverse", "uppercase", "rotate"]
+    base = str(pack_dir.absolute() / "base")
+
+    def target(s: str) -> Target:
+        return Target(s, "lora", "demo-moe", base, s, str(pack_dir.absolute() / "adapters" / s))
+
+    def msgs(s: str) -> list[dict[str, str]]:
+        return [{"role": "user", "content": next(r for r in rows if r["skill"] == s)["query"]}]
+
+    async def go() -> list[Any]:
+        pool = ExpertPool(max_adapters=2)  # each request loads its adapter, evicting another's
+        try:
+            return await asyncio.gather(
+                *(pool.chat(target(s), msgs(s), GenParams(max_tokens=40)) for s in skills),
+                return_exceptions=True,
+            )
+        finally:
+            await pool.aclose()
+
+    with no_hang(120, "the pool"):
+        out = asyncio.run(go())
+    want = [next(r for r in rows if r["skill"] == s)["answer"] for s in skills]
+    assert [getattr(g, "text", g) for g in out] == want
