@@ -33,7 +33,7 @@ from concilium.errors import ExpertFailed
 from concilium.experts.base import Generation, GenParams, Message, StreamItem, Target
 from concilium.experts.batching import MicroBatcher
 from concilium.experts.local import GenRequest, LocalCausalLM
-from concilium.experts.pool import needed_adapters, stream_local
+from concilium.experts.pool import decode_rows, needed_adapters, stream_local
 
 log = logging.getLogger(__name__)
 MERGE_WINDOW_S = 0.001  # Serve's per-adapter sub-batches start within this of each other
@@ -87,10 +87,11 @@ class ExpertServer:
         async def load(name: str) -> _Resident:
             return await self._load(name)
 
-        async def run_batch(requests: list[GenRequest]) -> list[Generation]:
+        async def run_batch(requests: list[GenRequest]) -> list[Generation | Exception]:
             return await self._run_batch(requests)
 
-        self._merger: MicroBatcher[list[GenRequest], list[Generation]] = MicroBatcher(
+        self._decode = decode_rows(self.lm)  # a failing batch fails only its bad rows
+        self._merger: MicroBatcher[list[GenRequest], list[Generation | Exception]] = MicroBatcher(
             self._generate_merged, max_batch=max_batch, window_s=MERGE_WINDOW_S
         )
         self._adapter = serve.multiplexed(max_num_models_per_replica=max_adapters)(load)
@@ -198,27 +199,32 @@ class ExpertServer:
         held: list[str] = []
         try:
             await self._acquire(held, target, params)
-            gen: Generation = await self._batch(GenRequest(list(messages), params, target.adapter))
-            return self._stamped(gen)
+            out = await self._batch(GenRequest(list(messages), params, target.adapter))
+            if isinstance(out, Exception):
+                raise out
+            return self._stamped(out)
         except asyncio.CancelledError:
             self.stats["cancelled"] += 1
             raise
         finally:
             self._release(held)
 
-    async def _run_batch(self, requests: list[GenRequest]) -> list[Generation]:
+    async def _run_batch(self, requests: list[GenRequest]) -> list[Generation | Exception]:
         # Serve splits a batch by multiplexed_model_id and runs the per-adapter sub-batches
         # concurrently; the merger joins them again so every adapter shares one forward.
         self.stats["batched_rows"] += len(requests)
         return await self._merger.submit(requests)
 
-    def _generate_merged(self, groups: list[list[GenRequest]]) -> list[list[Generation]]:
-        """One mixed-adapter forward for every sub-batch that arrived together."""
+    def _generate_merged(
+        self, groups: list[list[GenRequest]]
+    ) -> list[list[Generation | Exception]]:
+        """One mixed-adapter forward for every sub-batch that arrived together; a row that
+        makes it fail gets its own error (the rest are decoded again without it)."""
         self.stats["batches"] += 1
         flat = [r for g in groups for r in g]
         if len({r.adapter for r in flat}) > 1:
             self.stats["mixed_adapter_batches"] += 1
-        out = self.lm.generate_batch(flat)
+        out = self._decode(flat)
         split, start = [], 0
         for g in groups:
             split.append(out[start : start + len(g)])
