@@ -110,7 +110,7 @@ def decode(
     ]
     kw = _adapter_kwargs(lm, lay.rows, lay.loads)
     mixtures: dict[int, MixtureRow] = dict(lm.bank.mixtures) if lm.bank is not None else {}
-    gens = [Row(r.params, tok, n) for r, n in zip(requests, max_new, strict=True)]
+    gens = [Row(r.params, tok, n, lm.eos_ids) for r, n in zip(requests, max_new, strict=True)]
     owner = torch.tensor(lay.owner)  # [B]
     with torch.inference_mode():
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
@@ -170,13 +170,24 @@ def _mark_valid(lm: LocalCausalLM, mixtures: dict[int, MixtureRow], valid: Any) 
         lm.bank.valid = valid
 
 
+def end_tokens(tok: Any, generation_config: Any) -> frozenset[int]:
+    """The tokenizer's eos id and every eos id a model's generation_config lists (int or list)."""
+    ids = [tok.eos_token_id, getattr(generation_config, "eos_token_id", None)]
+    flat = [i for x in ids for i in (x if isinstance(x, list | tuple) else [x])]
+    return frozenset(int(i) for i in flat if i is not None)
+
+
 class Row:
     """Per-request sampling state: chosen tokens, log-probs, stop handling."""
 
-    def __init__(self, params: GenParams, tok: Any, max_new: int) -> None:
+    def __init__(
+        self, params: GenParams, tok: Any, max_new: int, eos: frozenset[int] | None = None
+    ) -> None:
         import torch
 
         self.params, self.tok, self.max_new = params, tok, max_new
+        # every end-of-sequence token (a generation_config may list several: Llama-3's eot too)
+        self.eos = eos if eos is not None else end_tokens(tok, None)
         self.ids: list[int] = []
         self.logprobs: list[float] = []
         self.done = max_new <= 0
@@ -192,12 +203,12 @@ class Row:
         pad = torch.tensor(self.tok.pad_token_id)
         if self.done:
             return pad
-        if len(self.ids) < self.params.min_tokens and self.tok.eos_token_id is not None:
+        if len(self.ids) < self.params.min_tokens and self.eos:
             logits = logits.clone()
-            logits[self.tok.eos_token_id] = float("-inf")
+            logits[list(self.eos)] = float("-inf")
         logp = torch.log_softmax(logits, -1)  # [V]
         nxt = self._sample(logits)
-        if nxt == self.tok.eos_token_id:
+        if nxt in self.eos:
             self.done, self.finish = True, "stop"
             return pad
         self.ids.append(nxt)

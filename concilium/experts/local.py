@@ -22,7 +22,7 @@ from typing import Any
 
 from concilium.errors import ExpertFailed, ExpertUnavailable, InvalidInput
 from concilium.experts.base import Generation, GenParams, Message, TokenRoutingParams
-from concilium.experts.decode import GenRequest, Row, decode
+from concilium.experts.decode import GenRequest, Row, decode, end_tokens
 from concilium.experts.mixing import FIELD, MixtureRouters, MixtureRow
 from concilium.experts.moe.replica import MoEOptions
 
@@ -61,6 +61,7 @@ class LocalCausalLM:
             self.model_dir, use_safetensors=True, trust_remote_code=False, dtype=torch.float32
         )
         self.model: Any = model.eval()
+        self.eos_ids = end_tokens(self.tokenizer, getattr(model, "generation_config", None))
         from concilium.experts.moe.replica import prepare
 
         moe = moe or MoEOptions()

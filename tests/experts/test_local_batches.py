@@ -176,3 +176,25 @@ def test_concurrent_requests_for_more_adapters_than_the_lru_holds_all_answer(
         out = asyncio.run(go())
     want = [next(r for r in rows if r["skill"] == s)["answer"] for s in skills]
     assert [getattr(g, "text", g) for g in out] == want
+
+
+def test_every_eos_id_of_the_generation_config_ends_a_row() -> None:
+    import torch
+
+    from concilium.experts.decode import end_tokens
+
+    def text(ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(chr(97 + i) for i in ids)
+
+    tok = SimpleNamespace(eos_token_id=2, pad_token_id=0, decode=text)
+    eos = end_tokens(tok, SimpleNamespace(eos_token_id=[2, 7]))  # Llama-3 style: eos + eot
+    assert eos == {2, 7} and end_tokens(tok, None) == {2}
+    logits = torch.zeros(10)
+    logits[7] = 5.0  # greedy picks token 7, the generation_config's second eos
+    row = Row(GenParams(max_tokens=4, temperature=0), tok, 4, eos)
+    row.step(logits)
+    assert row.done and row.finish == "stop" and row.ids == []
+    # min_tokens masks every eos id, not only the tokenizer's
+    row = Row(GenParams(max_tokens=4, temperature=0, min_tokens=1), tok, 4, eos)
+    row.step(logits)
+    assert not row.done and row.ids == [0]
