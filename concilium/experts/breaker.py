@@ -8,11 +8,13 @@ the circuit again or re-opens it for another cooldown.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
-from concilium.errors import ExpertUnavailable
+from concilium.errors import ExpertFailed, ExpertUnavailable
 
 
 @dataclass
@@ -47,6 +49,24 @@ class CircuitBreaker:
             f"remote expert {key!r} is cooling down after {st.failures} consecutive failures",
             retry_after_s=max(wait, 1.0),
         )
+
+    @contextmanager
+    def attempt(self, key: str) -> Iterator[None]:
+        """One guarded call: refused while open, and its outcome closes or re-opens the circuit.
+        A half-open trial that is cancelled (a deadline) counts as failed, so it does not hold
+        the one trial slot for good."""
+        self.check(key)
+        trial = self.is_open(key)  # admitted while open: the half-open trial call
+        try:
+            yield
+        except ExpertFailed:
+            self.failure(key)
+            raise
+        except asyncio.CancelledError:
+            if trial:
+                self.failure(key)
+            raise
+        self.success(key)
 
     def success(self, key: str) -> None:
         self._states.pop(key, None)

@@ -139,20 +139,8 @@ class ExpertPool:
         self, target: Target, messages: Sequence[Message], params: GenParams
     ) -> Generation:
         assert target.remote is not None
-        key = target.expert
-        self.breaker.check(key)
-        trial = self.breaker.is_open(key)  # admitted while open: the half-open trial call
-        try:
-            gen = await RemoteExpert(target.remote, self.client).chat(messages, params)
-        except ExpertFailed:
-            self.breaker.failure(key)
-            raise
-        except asyncio.CancelledError:  # a trial cut short (deadline) must not hold the slot
-            if trial:
-                self.breaker.failure(key)
-            raise
-        self.breaker.success(key)
-        return gen
+        with self.breaker.attempt(target.expert):
+            return await RemoteExpert(target.remote, self.client).chat(messages, params)
 
     async def chat_stream(
         self, target: Target, messages: Sequence[Message], params: GenParams
