@@ -95,9 +95,9 @@ def _registry(config: Path | None, home: Path | None) -> Any:
 
 def _store(config: Path | None, home: Path | None) -> Any:
     """The SQLite store alone: listing and removal need no encoder."""
-    from concilium.registry.store import RegistryStore
+    from concilium.registry.store import store_at
 
-    return RegistryStore(_config(config, home=home).home / "registry.sqlite")
+    return store_at(_config(config, home=home).home)
 
 
 @experts_app.command("add")
@@ -231,11 +231,11 @@ def experts_gc(
     home: Path | None = HomeOpt,
 ) -> None:
     """Delete stored artifacts no registered expert uses (what removals left behind)."""
-    from concilium.registry.artifacts import ArtifactStore
+    from concilium.registry.artifacts import artifacts_at
     from concilium.registry.registry import referenced
 
     store = _store(config, home)
-    artifacts = ArtifactStore(_config(config, home=home).home / "artifacts")
+    artifacts = artifacts_at(_config(config, home=home).home)
     try:
         removed = artifacts.gc(referenced(store.list()), grace_s=grace_s)
     except (ConciliumError, OSError) as e:

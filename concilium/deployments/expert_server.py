@@ -164,9 +164,9 @@ class ExpertServer:
         """Every WATCH_S, when the registry version moved: unload the adapters of this base that
         are no longer registered (or were re-registered with other weights), after their
         in-flight requests end."""
-        from concilium.registry.store import RegistryStore
+        from concilium.registry.store import store_at
 
-        store = RegistryStore(Path(home) / "registry.sqlite")
+        store = store_at(Path(home))
         seen: int | None = None
         while True:
             await asyncio.sleep(WATCH_S)

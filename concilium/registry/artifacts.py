@@ -41,6 +41,11 @@ def _copy_regular(src: Path, dest: Path, label: str) -> str:
     return h.hexdigest()
 
 
+def artifacts_at(home: Path) -> ArtifactStore:
+    """The registry's artifact store inside data dir `home`."""
+    return ArtifactStore(Path(home) / "artifacts")
+
+
 class ArtifactStore:
     """Immutable blobs keyed by content hash."""
 

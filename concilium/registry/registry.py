@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from concilium.errors import AdapterRejected, ExpertNotFound, InvalidInput, SpecError
-from concilium.registry.artifacts import ArtifactStore
+from concilium.registry.artifacts import artifacts_at
 from concilium.registry.gate_jobs import JobQueue
 from concilium.registry.index import (
     PilotIndex,
@@ -35,7 +35,7 @@ from concilium.registry.index import (
     pack_tokens,
 )
 from concilium.registry.specs import MAX_TEXT, LoraSpec, ModelSpec, RemoteSpec, parse_spec
-from concilium.registry.store import AnySpec, ExpertRecord, RegistryStore
+from concilium.registry.store import AnySpec, ExpertRecord, store_at
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,8 @@ class Registry:
         gate_trainer: GateTrainer | None = None,
     ) -> None:
         self.home = Path(home)
-        self.store = RegistryStore(self.home / "registry.sqlite")
-        self.artifacts = ArtifactStore(self.home / "artifacts")
+        self.store = store_at(self.home)
+        self.artifacts = artifacts_at(self.home)
         self.encoder = encoder
         self.profiler = profiler
         self.adapter_routing = adapter_routing  # token-routing artifacts of a lora (Arrow)

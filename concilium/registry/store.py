@@ -58,6 +58,11 @@ class ExpertRecord:
         return self.spec.name
 
 
+def store_at(home: Path) -> RegistryStore:
+    """The registry's SQLite store inside data dir `home`."""
+    return RegistryStore(Path(home) / "registry.sqlite")
+
+
 class RegistryStore:
     """The expert table in a SQLite file. Cheap to construct; one connection per call."""
 
