@@ -99,20 +99,14 @@ class _SpecBase(BaseModel):
         default_factory=list, description="CoE categories this expert serves."
     )
     price_in_per_1k: float = Field(
-        default=0.0,
-        ge=0,
-        description="Price per 1k input tokens, in the caller's unit.",
+        default=0.0, ge=0, description="Price per 1k input tokens, in the caller's unit."
     )
     price_out_per_1k: float = Field(
-        default=0.0,
-        ge=0,
-        description="Price per 1k output tokens, in the caller's unit.",
+        default=0.0, ge=0, description="Price per 1k output tokens, in the caller's unit."
     )
     params_total: int | None = Field(default=None, ge=0, description="Total parameter count.")
     params_active: int | None = Field(
-        default=None,
-        ge=0,
-        description="Parameters active per token (MoE / adapters).",
+        default=None, ge=0, description="Parameters active per token (MoE / adapters)."
     )
     tags: list[str] = Field(default_factory=list, description="Free-form labels.")
     expected_latency_ms: float | None = Field(
