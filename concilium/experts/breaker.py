@@ -8,7 +8,6 @@ the circuit again or re-opens it for another cooldown.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -53,8 +52,8 @@ class CircuitBreaker:
     @contextmanager
     def attempt(self, key: str) -> Iterator[None]:
         """One guarded call: refused while open, and its outcome closes or re-opens the circuit.
-        A half-open trial that is cancelled (a deadline) counts as failed, so it does not hold
-        the one trial slot for good."""
+        A half-open trial that ends any other way (cancelled by a deadline, say) counts as
+        failed, so it does not hold the one trial slot for good."""
         self.check(key)
         trial = self.is_open(key)  # admitted while open: the half-open trial call
         try:
@@ -62,7 +61,7 @@ class CircuitBreaker:
         except ExpertFailed:
             self.failure(key)
             raise
-        except asyncio.CancelledError:
+        except BaseException:
             if trial:
                 self.failure(key)
             raise

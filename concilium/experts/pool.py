@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import aclosing
 from pathlib import Path
 
 import httpx
@@ -145,17 +146,36 @@ class ExpertPool:
     async def chat_stream(
         self, target: Target, messages: Sequence[Message], params: GenParams
     ) -> AsyncIterator[StreamItem]:
-        """Local experts stream token by token; a remote expert's answer arrives as one piece."""
-        if target.remote is not None or target.model_path is None:
-            gen = await self.chat(target, messages, params)
-            yield Delta(gen.text)
-            yield gen
+        """Local experts stream token by token, remote ones as their endpoint streams."""
+        if target.remote is not None:
+            async for item in self._remote_stream(target, messages, params):
+                yield item
             return
+        if target.model_path is None:
+            raise ExpertFailed(f"expert {target.expert!r} has no runnable model")
         lm = await self._ready(target, params)
         async for item in stream_local(
             lm, GenRequest(messages, params, target.adapter, target.adapter_path)
         ):
             yield item
+
+    async def _remote_stream(
+        self, target: Target, messages: Sequence[Message], params: GenParams
+    ) -> AsyncIterator[StreamItem]:
+        """The endpoint's stream; its first piece is the breaker's success (the client may stop
+        reading after it), a failure after that still counts against the endpoint."""
+        assert target.remote is not None
+        stream = RemoteExpert(target.remote, self.client).chat_stream(messages, params)
+        async with aclosing(stream):  # type: ignore[type-var]
+            with self.breaker.attempt(target.expert):
+                first = await anext(stream)
+            yield first
+            try:
+                async for item in stream:
+                    yield item
+            except ExpertFailed:
+                self.breaker.failure(target.expert)
+                raise
 
     async def _ready(self, target: Target, params: GenParams) -> LocalCausalLM:
         """The target's model with its adapter, or all its mixture's candidates, loaded."""
