@@ -260,6 +260,11 @@ class ServiceConfig(BaseModel):
     model_root: Path | None = Field(
         default=None, description="When set, `model` experts must live under this directory."
     )
+    allow_private_urls: bool = Field(
+        default=True,
+        description="Whether remote experts may live at private or loopback addresses (checked "
+        "at registration and at every connection; link-local and metadata addresses never).",
+    )
     train_gates: bool = Field(
         default=True,
         description="Train a lora's PHATGOOSE gate in the background when it is registered "

@@ -16,6 +16,7 @@ from ray.serve.handle import DeploymentHandle
 from concilium.config import DeploymentConfig, ServiceConfig
 from concilium.errors import ConciliumError, ExpertUnavailable
 from concilium.experts.base import Generation, GenParams, Message, StreamItem, Target
+from concilium.experts.guard import guarded_client
 from concilium.experts.pool import ExpertPool
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,11 @@ class Gateway:
         from concilium.orchestrator.service import build_service
 
         cfg = ServiceConfig.model_validate(config)
-        local = ExpertPool(max_adapters=cfg.max_adapters, batch_window_ms=cfg.batch_window_ms)
+        local = ExpertPool(
+            client=guarded_client(allow_private=cfg.allow_private_urls),
+            max_adapters=cfg.max_adapters,
+            batch_window_ms=cfg.batch_window_ms,
+        )
         self.backend = RayBackend(experts, local, cfg.deployment, home=str(cfg.home))
         # writes go to the RegistryService, which alone trains gates; this replica only reads
         registrar = RayRegistrar(registry) if registry is not None else None

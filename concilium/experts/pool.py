@@ -21,6 +21,7 @@ from concilium.experts.base import Delta, Generation, GenParams, Message, Stream
 from concilium.experts.batching import MicroBatcher
 from concilium.experts.breaker import CircuitBreaker
 from concilium.experts.embedder import SentenceEncoder
+from concilium.experts.guard import guarded_client
 from concilium.experts.local import GenRequest, LocalCausalLM
 from concilium.experts.remote import RemoteExpert
 
@@ -100,7 +101,7 @@ class ExpertPool:
         batch_window_ms: float = 2.0,
         breaker: CircuitBreaker | None = None,
     ) -> None:
-        self.client = client or httpx.AsyncClient()
+        self.client = client or guarded_client()
         self.breaker = breaker or CircuitBreaker()
         self.max_adapters = max_adapters
         self.max_batch = max_batch

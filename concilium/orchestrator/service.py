@@ -42,6 +42,7 @@ def limits_of(config: ServiceConfig) -> RegistryLimits:
         max_rank=config.max_rank,
         max_adapter_bytes=int(config.max_adapter_mb * 1024**2),
         model_root=config.model_root,
+        allow_private_urls=config.allow_private_urls,
     )
 
 
@@ -113,10 +114,13 @@ def build_service(
     """The in-process service. `registrar` routes registry writes elsewhere (the Serve
     RegistryService); by default this process writes the store itself."""
     if backend is None:
+        from concilium.experts.guard import guarded_client
         from concilium.experts.pool import ExpertPool
 
         backend = ExpertPool(
-            max_adapters=config.max_adapters, batch_window_ms=config.batch_window_ms
+            client=guarded_client(allow_private=config.allow_private_urls),
+            max_adapters=config.max_adapters,
+            batch_window_ms=config.batch_window_ms,
         )
     profiler = pool_profiler(backend) if hasattr(backend, "model") else None
     registry = open_registry(config, encoder, profiler)

@@ -5,7 +5,8 @@ included) and every address a host name resolves to must not be link-local, clou
 multicast, unspecified or reserved (nor private / loopback with ``allow_private=False``). IPv4
 addresses wrapped in IPv4-mapped, NAT64 or 6to4 IPv6 are checked as IPv4. A host name that does
 not resolve is accepted (the endpoint may come up later); resolution can change after registration
-(DNS rebinding), so the HTTP client should check the address it connects to as well.
+(DNS rebinding), so the remote experts' HTTP client checks the address of every connection it
+opens with `check_ip` as well (``concilium.experts.guard``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,15 @@ from urllib.parse import SplitResult, urlsplit
 
 from concilium.errors import UnsafeURL
 
-__all__ = ["METADATA_HOSTS", "METADATA_IPS", "IPAddress", "validate_remote_url"]
+__all__ = [
+    "METADATA_HOSTS",
+    "METADATA_IPS",
+    "IPAddress",
+    "check_ip",
+    "ip_literal",
+    "parse_ip",
+    "validate_remote_url",
+]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 METADATA_HOSTS = frozenset(
@@ -48,12 +57,12 @@ def validate_remote_url(url: str, *, allow_private: bool = True) -> str:
     port = _port_of(parts, url)
     ip = _ip_literal(host, url)
     if ip is not None:
-        _check_ip(ip, url, allow_private)
+        check_ip(ip, url, allow_private)
         host = f"[{ip}]" if ip.version == 6 else str(ip)
     else:
         host = _check_host_name(host, url)
         for addr in _resolve(host, port or _DEFAULT_PORTS[parts.scheme.lower()]):
-            _check_ip(addr, url, allow_private, via=host)
+            check_ip(addr, url, allow_private, via=host)
     scheme = parts.scheme.lower()
     netloc = host if port in (None, _DEFAULT_PORTS[scheme]) else f"{host}:{port}"
     query = f"?{parts.query}" if parts.query else ""
@@ -93,6 +102,23 @@ def _port_of(parts: SplitResult, url: str) -> int | None:
     if port == 0:
         raise UnsafeURL(f"{url!r}: port 0 is not allowed")
     return port
+
+
+def parse_ip(text: str) -> IPAddress | None:
+    """An IP address in its standard notation (an IPv6 zone id dropped), or None."""
+    try:
+        return ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+
+
+def ip_literal(host: str) -> IPAddress | None:
+    """The address when `host` is an IP literal (legacy numeric IPv4 forms included), else None
+    (a host name, or something that is neither)."""
+    try:
+        return _ip_literal(host.strip("[]"), host)
+    except UnsafeURL:
+        return None
 
 
 def _ip_literal(host: str, url: str) -> IPAddress | None:
@@ -172,7 +198,9 @@ def _private(ip: IPAddress) -> bool:
     return not ip.is_global or (isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local)
 
 
-def _check_ip(ip: IPAddress, url: str, allow_private: bool, via: str | None = None) -> None:
+def check_ip(ip: IPAddress, url: str, allow_private: bool, via: str | None = None) -> None:
+    """UnsafeURL (naming `url`, and `via` the host name that resolved to `ip`) when `ip` is no
+    address for a remote expert."""
     inner = _unwrap(ip)
     shown = f"{via!r} resolves to {ip}" if via else f"{ip}"
     if reason := _forbidden(inner):
