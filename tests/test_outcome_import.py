@@ -69,3 +69,53 @@ def test_importing_duplicate_sample_ids_is_invalid_input(tmp_path: Path) -> None
     with pytest.raises(InvalidInput, match="q1"):
         store.import_table(t, HashEncoder().encode(t.prompts), source="demo")
     assert store.count() == 0
+
+
+def test_parquet_round_trips_like_csv(tmp_path: Path) -> None:
+    from tests.test_evaluation import synthetic
+
+    t = synthetic(4)
+    a = OutcomeTable.read(t.write(tmp_path / "t.parquet"))
+    b = OutcomeTable.read(t.write(tmp_path / "t.csv"))
+    for x in (a, b):
+        assert x.experts == t.experts and x.prompts == t.prompts and x.sample_ids == t.sample_ids
+        assert np.array_equal(x.quality, t.quality) and np.array_equal(x.cost, t.cost)
+        assert np.allclose(x.confidence, t.confidence) and x.answers == t.answers
+
+
+def test_a_routerbench_parquet_with_nulls_and_numbers_loads(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    p = tmp_path / "rb.parquet"
+    columns = {
+        "sample_id": ["q1", "q2"],
+        "prompt": ["reverse cat", "add 2 and 3"],
+        "eval_name": ["strings", None],
+        "a": [1.0, 0.0],
+        "a|total_cost": [0.001, 0.002],
+        "a|confidence": [None, -0.5],
+    }
+    pq.write_table(pa.table(columns), p)
+    t = OutcomeTable.read(p)
+    assert t.experts == ["a"] and t.quality[:, 0].tolist() == [1.0, 0.0]
+    assert np.isnan(t.confidence[0, 0]) and t.confidence[1, 0] == -0.5
+
+
+def test_a_damaged_parquet_file_is_invalid_input(tmp_path: Path) -> None:
+    p = tmp_path / "t.parquet"
+    p.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(InvalidInput, match="not a readable Parquet file"):
+        OutcomeTable.read(p)
+
+
+def test_parquet_without_pyarrow_says_how_to_get_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    p = tmp_path / "t.parquet"
+    p.write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow -> ImportError
+    with pytest.raises(InvalidInput, match=r"concilium\[parquet\]"):
+        OutcomeTable.read(p)

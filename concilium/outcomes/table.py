@@ -8,8 +8,8 @@ one row per query::
     <expert>|confidence, <expert>|model_response, ...
 
 `<expert>` holds the quality in [0, 1]; the other per-expert columns are optional (latency
-defaults to 0, confidence to unknown). CSV is read with the standard library; Parquet needs pandas
-and pyarrow installed.
+defaults to 0, confidence to unknown). CSV is read with the standard library; Parquet with pyarrow
+(the ``parquet`` extra: ``pip install 'concilium[parquet]'``).
 """
 
 from __future__ import annotations
@@ -123,7 +123,9 @@ class OutcomeTable:
         path.parent.mkdir(parents=True, exist_ok=True)
         rows = self.rows()
         if path.suffix == ".parquet":
-            _pandas(path).DataFrame(rows).to_parquet(path, index=False)
+            pa, pq = _pyarrow(path)
+            columns = list(rows[0]) if rows else list(_FIXED)
+            pq.write_table(pa.table({c: [r.get(c) for r in rows] for c in columns}), path)
             return path
         with path.open("w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else list(_FIXED))
@@ -138,12 +140,7 @@ class OutcomeTable:
         if not path.is_file():
             raise InvalidInput(f"outcome table {path} does not exist", field="path")
         if path.suffix == ".parquet":
-            frame = _pandas(path).read_parquet(path)
-            records = [
-                {k: ("" if v is None else v) for k, v in r.items()}
-                for r in frame.to_dict("records")
-            ]
-            header = [str(c) for c in frame.columns]
+            header, records = _read_parquet(path)
         else:
             header, records = _read_csv(path)
         return cls.from_records(header, records, source=str(path))
@@ -255,13 +252,24 @@ def _unique_ids(ids: list[str], source: str) -> list[str]:
     return ids
 
 
-def _pandas(path: Path) -> Any:
+def _read_parquet(path: Path) -> tuple[list[str], list[dict[str, object]]]:
+    """(header, rows) of a Parquet file; nulls read as '' (as an empty CSV cell)."""
+    _, pq = _pyarrow(path)
     try:
-        import pandas
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError for a damaged file
+        raise InvalidInput(f"{path}: not a readable Parquet file: {e}", field="path") from None
+    records = [{k: ("" if v is None else v) for k, v in r.items()} for r in table.to_pylist()]
+    return [str(c) for c in table.column_names], records
 
-        return pandas
+
+def _pyarrow(path: Path) -> tuple[Any, Any]:
+    try:
+        import pyarrow
+        import pyarrow.parquet
     except ImportError:
         raise InvalidInput(
-            f"{path}: reading/writing Parquet needs pandas and pyarrow (pip install pandas "
-            "pyarrow); CSV works without them"
+            f"{path}: reading/writing Parquet needs pyarrow (pip install 'concilium[parquet]'); "
+            "CSV works without it"
         ) from None
+    return pyarrow, pyarrow.parquet
