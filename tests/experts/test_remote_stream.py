@@ -270,3 +270,21 @@ def test_the_gateway_passes_a_remote_stream_on_chunk_by_chunk(gateway: TestClien
     assert pieces == ["", "ta", "ne", "lp", None]
     assert chunks[-1]["usage"]["completion_tokens"] == 3
     assert chunks[-1]["routing"]["expert"] == "reverse"
+
+
+def test_a_client_that_stops_reading_closes_the_endpoints_stream() -> None:
+    body = Pieces([chunk("a")] * 50, pause_s=0.01)
+
+    async def go() -> list[str]:
+        client = httpx.AsyncClient(
+            transport=httpx.MockTransport(lambda r: httpx.Response(200, headers=SSE, stream=body))
+        )
+        pool = ExpertPool(client=client)
+        try:
+            return await pool_stream(pool, n=2)
+        finally:
+            await pool.aclose()
+
+    with no_hang(5, "an abandoned stream"):
+        assert asyncio.run(go()) == ["a", "a"]
+    assert body.closed and body.sent < 10
