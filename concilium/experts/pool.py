@@ -188,7 +188,8 @@ class ExpertPool:
 
     async def embed(self, target: Target, texts: Sequence[str]) -> list[list[float]]:
         if target.remote is not None:
-            return await RemoteExpert(target.remote, self.client).embed(texts)
+            with self.breaker.attempt(target.expert):
+                return await RemoteExpert(target.remote, self.client).embed(texts)
         if target.model_path is None:
             raise ExpertFailed(f"expert {target.expert!r} has no runnable model")
         enc = await asyncio.to_thread(self.encoder, target.model_path, target.adapter_path)

@@ -108,3 +108,31 @@ def test_pool_circuit_breaker_stops_calling_a_failing_endpoint() -> None:
     errors = asyncio.run(go())
     assert len(hits) == 2 and len(errors) == 4
     assert all("cooling down" in e for e in errors[2:])
+
+
+def test_pool_circuit_breaker_guards_remote_embeddings_too() -> None:
+    from concilium.experts.base import Target
+    from concilium.experts.breaker import CircuitBreaker
+    from concilium.experts.pool import ExpertPool
+
+    hits = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        hits.append(1)
+        return httpx.Response(503)
+
+    async def go() -> list[str]:
+        client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        pool = ExpertPool(client=client, breaker=CircuitBreaker(threshold=2, cooldown_s=60))
+        target = Target(expert="r", kind="remote", remote=SPEC)
+        errors = []
+        for _ in range(4):
+            try:
+                await pool.embed(target, ["a"])
+            except ExpertUnavailable as e:
+                errors.append(str(e))
+        await pool.aclose()
+        return errors
+
+    errors = asyncio.run(go())
+    assert len(hits) == 2 and all("cooling down" in e for e in errors[2:])
