@@ -28,20 +28,43 @@ MAX_LINE_BYTES = 1 << 20  # one SSE line (one chunk's JSON) longer than this is 
 async def stream_chat(
     expert: RemoteExpert, body: dict[str, Any], limit: float, max_total: int
 ) -> AsyncIterator[StreamItem]:
-    """POST `body` (``stream: true``) to the expert's /chat/completions; yield what it streams."""
+    """POST `body` (``stream: true``) to the expert's /chat/completions; yield what it streams.
+    An endpoint that refuses ``stream_options`` with a 400 naming it is asked once more without
+    (usage then falls back to counting chunks)."""
     url = expert.spec.url.rstrip("/") + "/chat/completions"
     end = asyncio.get_running_loop().time() + limit
-    request = expert.client.build_request(
-        "POST", url, json=body, headers=expert.headers(), timeout=limit
-    )
     with expert.transport_errors(url, limit):
-        async with asyncio.timeout_at(end):
-            response = await expert.client.send(request, stream=True)
+        response = await _open(expert, url, body, end, limit)
+        if response.status_code == 400 and "stream_options" in body:
+            head = await _close_reading(response, end)
+            if b"stream_options" not in head:
+                expert.check_status(400, head)
+            plain = {k: v for k, v in body.items() if k != "stream_options"}
+            response = await _open(expert, url, plain, end, limit)
         try:
             async for item in _items(expert, response, end, max_total):
                 yield item
         finally:
             await response.aclose()
+
+
+async def _open(
+    expert: RemoteExpert, url: str, body: dict[str, Any], end: float, limit: float
+) -> Any:
+    request = expert.client.build_request(
+        "POST", url, json=body, headers=expert.headers(), timeout=limit
+    )
+    async with asyncio.timeout_at(end):
+        return await expert.client.send(request, stream=True)
+
+
+async def _close_reading(response: Any, end: float) -> bytes:
+    """The start of `response`'s body; the response closed."""
+    try:
+        async with asyncio.timeout_at(end):
+            return await _head(response)
+    finally:
+        await response.aclose()
 
 
 async def _items(

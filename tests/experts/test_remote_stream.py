@@ -288,3 +288,21 @@ def test_a_client_that_stops_reading_closes_the_endpoints_stream() -> None:
     with no_hang(5, "an abandoned stream"):
         assert asyncio.run(go()) == ["a", "a"]
     assert body.closed and body.sent < 10
+
+
+def test_an_endpoint_that_refuses_stream_options_is_asked_again_without() -> None:
+    bodies: list[dict[str, Any]] = []
+
+    def handler(r: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(r.content))
+        if "stream_options" in bodies[-1]:
+            return httpx.Response(
+                400, json={"detail": "extra field 'stream_options' not permitted"}
+            )
+        return streamed([chunk("a"), chunk(finish="stop")])(r)
+
+    items = collect(handler)
+    assert [i.text for i in items] == ["a", "a"] and len(bodies) == 2
+    assert bodies[1]["stream"] is True and "stream_options" not in bodies[1]
+    with pytest.raises(ExpertFailed, match="400: bad messages"):  # another 400 is not retried
+        collect(lambda r: httpx.Response(400, text="bad messages"))
