@@ -81,7 +81,8 @@ def test_embeddings_are_ordered_by_index() -> None:
     assert run(handler, lambda e: e.embed(["a", "b"])) == [[1.0], [2.0]]
 
 
-def test_pool_circuit_breaker_stops_calling_a_failing_endpoint() -> None:
+@pytest.mark.parametrize("call", ["chat", "embed"])
+def test_pool_circuit_breaker_stops_calling_a_failing_endpoint(call: str) -> None:
     from concilium.experts.base import Target
     from concilium.experts.breaker import CircuitBreaker
     from concilium.experts.pool import ExpertPool
@@ -99,7 +100,10 @@ def test_pool_circuit_breaker_stops_calling_a_failing_endpoint() -> None:
         errors = []
         for _ in range(4):
             try:
-                await pool.chat(target, MSGS, GenParams())
+                if call == "chat":
+                    await pool.chat(target, MSGS, GenParams())
+                else:
+                    await pool.embed(target, ["a"])
             except ExpertFailed as e:
                 errors.append(type(e).__name__ + ":" + str(e))
         await pool.aclose()
@@ -108,31 +112,3 @@ def test_pool_circuit_breaker_stops_calling_a_failing_endpoint() -> None:
     errors = asyncio.run(go())
     assert len(hits) == 2 and len(errors) == 4
     assert all("cooling down" in e for e in errors[2:])
-
-
-def test_pool_circuit_breaker_guards_remote_embeddings_too() -> None:
-    from concilium.experts.base import Target
-    from concilium.experts.breaker import CircuitBreaker
-    from concilium.experts.pool import ExpertPool
-
-    hits = []
-
-    def handler(req: httpx.Request) -> httpx.Response:
-        hits.append(1)
-        return httpx.Response(503)
-
-    async def go() -> list[str]:
-        client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-        pool = ExpertPool(client=client, breaker=CircuitBreaker(threshold=2, cooldown_s=60))
-        target = Target(expert="r", kind="remote", remote=SPEC)
-        errors = []
-        for _ in range(4):
-            try:
-                await pool.embed(target, ["a"])
-            except ExpertUnavailable as e:
-                errors.append(str(e))
-        await pool.aclose()
-        return errors
-
-    errors = asyncio.run(go())
-    assert len(hits) == 2 and all("cooling down" in e for e in errors[2:])
