@@ -167,7 +167,7 @@ class ExpertPool:
         reading after it), a failure after that still counts against the endpoint."""
         assert target.remote is not None
         stream = RemoteExpert(target.remote, self.client).chat_stream(messages, params)
-        async with aclosing(stream):  # type: ignore[type-var]
+        async with aclosing(stream):
             with self.breaker.attempt(target.expert):
                 first = await anext(stream)
             yield first

@@ -13,7 +13,7 @@ import asyncio
 import json
 import math
 import os
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -49,7 +49,7 @@ class RemoteExpert:
 
     def chat_stream(
         self, messages: Sequence[Message], params: GenParams, timeout: float | None = None
-    ) -> AsyncIterator[StreamItem]:
+    ) -> AsyncGenerator[StreamItem, None]:
         """The answer as it is generated (``stream: true``): each content delta of the endpoint's
         SSE chunks a Delta, then the Generation (usage from the final chunk, asked for with
         ``stream_options.include_usage``; without one, each content chunk counts as a token).

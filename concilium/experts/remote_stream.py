@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +27,7 @@ MAX_LINE_BYTES = 1 << 20  # one SSE line (one chunk's JSON) longer than this is 
 
 async def stream_chat(
     expert: RemoteExpert, body: dict[str, Any], limit: float, max_total: int
-) -> AsyncIterator[StreamItem]:
+) -> AsyncGenerator[StreamItem, None]:
     """POST `body` (``stream: true``) to the expert's /chat/completions; yield what it streams.
     An endpoint that refuses ``stream_options`` with a 400 naming it is asked once more without
     (usage then falls back to counting chunks)."""
