@@ -119,3 +119,15 @@ def test_parquet_without_pyarrow_says_how_to_get_it(
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow -> ImportError
     with pytest.raises(InvalidInput, match=r"concilium\[parquet\]"):
         OutcomeTable.read(p)
+
+
+def test_parquet_keeps_unknown_confidences_unknown(tmp_path: Path) -> None:
+    from tests.test_evaluation import synthetic
+
+    t = synthetic(2)
+    t.confidence[0, 0] = np.nan  # a float column with a hole: a null in Parquet
+    t.confidence[:, 1] = np.nan  # a column with nothing known
+    back = OutcomeTable.read(t.write(tmp_path / "t.parquet"))
+    assert np.isnan(back.confidence[0, 0]) and np.isnan(back.confidence[:, 1]).all()
+    known = ~np.isnan(t.confidence)
+    assert np.allclose(back.confidence[known], t.confidence[known])

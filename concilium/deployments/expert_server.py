@@ -24,6 +24,7 @@ import dataclasses
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -237,10 +238,10 @@ class ExpertServer:
         held: list[str] = []
         try:
             await self._acquire(held, target, params)
-            async for item in stream_local(
-                self.lm, GenRequest(list(messages), params, target.adapter)
-            ):
-                yield self._stamped(item) if isinstance(item, Generation) else item
+            request = GenRequest(list(messages), params, target.adapter)
+            async with aclosing(stream_local(self.lm, request)) as local:
+                async for item in local:
+                    yield self._stamped(item) if isinstance(item, Generation) else item
         except asyncio.CancelledError:
             self.stats["cancelled"] += 1
             raise

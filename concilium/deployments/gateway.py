@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from typing import Any
 
 from ray import serve
@@ -132,8 +133,9 @@ class RayBackend:
     ) -> AsyncIterator[StreamItem]:
         handle = await self._handle(target)
         if handle is None:
-            async for item in self.local.chat_stream(target, messages, params):
-                yield item
+            async with aclosing(self.local.chat_stream(target, messages, params)) as local:
+                async for item in local:
+                    yield item
             return
         stream: Any = handle.options(stream=True).chat_stream.remote(target, list(messages), params)
         try:

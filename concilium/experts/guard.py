@@ -61,10 +61,15 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.AsyncNetworkStream:
         error: Exception = httpcore.ConnectError(f"{host!r} resolves to no address")
-        for ip in await self.addresses(host, port, timeout):
+        addrs = await self.addresses(host, port, timeout)
+        for i, ip in enumerate(addrs):
+            # every address left gets its share of the timeout (at least 1 s of it), so one
+            # that drops packets (say an unrouted IPv6) leaves time for the next
+            left = len(addrs) - i
+            each = None if timeout is None else max(timeout / left, min(timeout, 1.0))
             try:
                 return await self.inner.connect_tcp(
-                    str(ip), port, timeout, local_address, socket_options
+                    str(ip), port, each, local_address, socket_options
                 )
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as e:
                 error = e  # the next address, as a resolver-ordered connect would
@@ -82,7 +87,9 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         try:
             async with asyncio.timeout(timeout):
                 addrs = await self.resolver(host, port)
-        except (OSError, UnicodeError, TimeoutError) as e:
+        except TimeoutError as e:
+            raise httpcore.ConnectTimeout(f"resolving {host!r} timed out") from e
+        except (OSError, UnicodeError) as e:
             raise httpcore.ConnectError(f"{host!r} does not resolve: {e}") from e
         checked = self._checked(host, addrs, via=host)
         self._cache[key] = (self.clock(), checked)

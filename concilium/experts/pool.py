@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from concilium.experts.local import GenRequest, LocalCausalLM
 from concilium.experts.remote import RemoteExpert
 
 
-async def stream_local(lm: LocalCausalLM, request: GenRequest) -> AsyncIterator[StreamItem]:
+async def stream_local(lm: LocalCausalLM, request: GenRequest) -> AsyncGenerator[StreamItem, None]:
     """Decode one request in a worker thread, yielding Deltas as they settle, then the Generation.
 
     Closing the iterator (the client went away) stops the decode at its next token.
@@ -146,37 +146,47 @@ class ExpertPool:
 
     async def chat_stream(
         self, target: Target, messages: Sequence[Message], params: GenParams
-    ) -> AsyncIterator[StreamItem]:
+    ) -> AsyncGenerator[StreamItem, None]:
         """Local experts stream token by token, remote ones as their endpoint streams."""
         if target.remote is not None:
-            async for item in self._remote_stream(target, messages, params):
-                yield item
+            async with aclosing(self._remote_stream(target, messages, params)) as remote:
+                async for item in remote:
+                    yield item
             return
         if target.model_path is None:
             raise ExpertFailed(f"expert {target.expert!r} has no runnable model")
         lm = await self._ready(target, params)
-        async for item in stream_local(
-            lm, GenRequest(messages, params, target.adapter, target.adapter_path)
-        ):
-            yield item
+        request = GenRequest(messages, params, target.adapter, target.adapter_path)
+        async with aclosing(stream_local(lm, request)) as local:  # closed: the decode stops
+            async for item in local:
+                yield item
 
     async def _remote_stream(
         self, target: Target, messages: Sequence[Message], params: GenParams
-    ) -> AsyncIterator[StreamItem]:
-        """The endpoint's stream; its first piece is the breaker's success (the client may stop
-        reading after it), a failure after that still counts against the endpoint."""
+    ) -> AsyncGenerator[StreamItem, None]:
+        """The endpoint's stream under the circuit breaker: a failure at any point counts
+        against the endpoint, a stream that ends (or that its client stops reading after a
+        first piece) for it."""
         assert target.remote is not None
+        key = target.expert
+        self.breaker.check(key)
+        trial, answered = self.breaker.is_open(key), False
         stream = RemoteExpert(target.remote, self.client).chat_stream(messages, params)
-        async with aclosing(stream):
-            with self.breaker.attempt(target.expert):
-                first = await anext(stream)
-            yield first
-            try:
+        try:
+            async with aclosing(stream):
                 async for item in stream:
+                    answered = True
                     yield item
-            except ExpertFailed:
-                self.breaker.failure(target.expert)
-                raise
+        except ExpertFailed:
+            self.breaker.failure(key)
+            raise
+        except BaseException:  # cancelled, or the client went away
+            if answered:
+                self.breaker.success(key)
+            elif trial:
+                self.breaker.failure(key)  # never hold the half-open trial slot
+            raise
+        self.breaker.success(key)
 
     async def _ready(self, target: Target, params: GenParams) -> LocalCausalLM:
         """The target's model with its adapter, or all its mixture's candidates, loaded."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
@@ -42,8 +42,9 @@ async def stream_chat(
             plain = {k: v for k, v in body.items() if k != "stream_options"}
             response = await _open(expert, url, plain, end, limit)
         try:
-            async for item in _items(expert, response, end, max_total):
-                yield item
+            async with aclosing(_items(expert, response, end, max_total)) as items:
+                async for item in items:
+                    yield item
         finally:
             await response.aclose()
 
@@ -69,13 +70,13 @@ async def _close_reading(response: Any, end: float) -> bytes:
 
 async def _items(
     expert: RemoteExpert, response: Any, end: float, max_total: int
-) -> AsyncIterator[StreamItem]:
+) -> AsyncGenerator[StreamItem, None]:
     who = f"remote expert {expert.spec.name!r}"
     if response.status_code >= 300:
         async with asyncio.timeout_at(end):
             head = await _head(response)
         expert.check_status(response.status_code, head)
-    if "text/event-stream" not in response.headers.get("content-type", "text/event-stream"):
+    if "text/event-stream" not in response.headers.get("content-type", "text/event-stream").lower():
         async with asyncio.timeout_at(end):
             whole = await _body(response, max_total, who)
         gen = expert.parse_completion(whole)

@@ -125,7 +125,10 @@ class OutcomeTable:
         if path.suffix == ".parquet":
             pa, pq = _pyarrow(path)
             columns = list(rows[0]) if rows else list(_FIXED)
-            pq.write_table(pa.table({c: [r.get(c) for r in rows] for c in columns}), path)
+            # an unknown value is '' in a CSV cell, a null in Parquet (a column of floats and
+            # '' is no Arrow column)
+            cells = {c: [None if r.get(c) == "" else r.get(c) for r in rows] for c in columns}
+            pq.write_table(pa.table(cells), path)
             return path
         with path.open("w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else list(_FIXED))

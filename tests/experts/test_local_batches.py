@@ -198,3 +198,42 @@ def test_every_eos_id_of_the_generation_config_ends_a_row() -> None:
     row = Row(GenParams(max_tokens=4, temperature=0, min_tokens=1), tok, 4, eos)
     row.step(logits)
     assert not row.done and row.ids == [0]
+
+
+def test_closing_the_pools_local_stream_stops_the_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pool's chat_stream closes the decode it wraps at once (not when collected)."""
+    import threading
+    import time
+
+    from concilium.experts.base import Generation, GenParams, Target
+    from concilium.experts.pool import ExpertPool
+
+    stopped = threading.Event()
+    steps = [0]
+
+    class SlowLM:
+        def generate_stream(self, request: object, emit: object) -> Generation:
+            while emit("x"):  # type: ignore[operator]
+                steps[0] += 1
+                time.sleep(0.005)
+                if steps[0] > 2000:
+                    break
+            stopped.set()
+            return Generation(text="", prompt_tokens=0, completion_tokens=0, finish_reason="stop")
+
+    async def go() -> None:
+        pool = ExpertPool()
+
+        async def ready(target: Target, params: GenParams) -> SlowLM:
+            return SlowLM()
+
+        monkeypatch.setattr(pool, "_ready", ready)
+        target = Target(expert="m", kind="model", model="m", model_path="-")
+        stream = pool.chat_stream(target, [{"role": "user", "content": "hi"}], GenParams())
+        await anext(stream)
+        await stream.aclose()
+        assert stopped.is_set()  # the decode was told to stop before aclose returned
+        await pool.aclose()
+
+    asyncio.run(go())
+    assert steps[0] < 100

@@ -306,3 +306,72 @@ def test_an_endpoint_that_refuses_stream_options_is_asked_again_without() -> Non
     assert bodies[1]["stream"] is True and "stream_options" not in bodies[1]
     with pytest.raises(ExpertFailed, match="400: bad messages"):  # another 400 is not retried
         collect(lambda r: httpx.Response(400, text="bad messages"))
+
+
+def test_an_endpoint_that_keeps_failing_mid_stream_opens_the_circuit() -> None:
+    calls = []
+
+    def handler(r: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        return streamed([chunk("a"), b'data: {"error": "boom"}\n\n'])(r)
+
+    async def go() -> list[str]:
+        client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        pool = ExpertPool(client=client, breaker=CircuitBreaker(3, 60))
+        errors = []
+        for _ in range(5):
+            try:
+                await pool_stream(pool)
+            except ExpertFailed as e:
+                errors.append(str(e))
+        await pool.aclose()
+        return errors
+
+    errors = asyncio.run(go())
+    assert len(calls) == 3 and all("cooling down" in e for e in errors[3:])
+
+
+def sse_of(raw: list[bytes], max_line: int = 100) -> list[str]:
+    async def go() -> list[str]:
+        async def src() -> AsyncIterator[bytes]:
+            for r in raw:
+                yield r
+
+        return [d async for d in sse_data(src(), max_line=max_line, max_total=10**6, who="w")]
+
+    return asyncio.run(go())
+
+
+def test_a_byte_order_mark_does_not_hide_the_first_event() -> None:
+    assert sse_of([b"\xef\xbb\xbfdata: a\n\ndata: b\n\n"]) == ["a", "b"]
+
+
+def test_a_cr_ended_event_is_dispatched_without_waiting_for_more_bytes() -> None:
+    got: list[str] = []
+
+    async def go() -> None:
+        more = asyncio.Event()
+
+        async def src() -> AsyncIterator[bytes]:
+            yield b"data: a\r\r"
+            await more.wait()  # the endpoint sends nothing more for now
+            yield b"\ndata: b\r\n\r\n"
+
+        events = sse_data(src(), max_line=100, max_total=1000, who="w")
+        got.append(await asyncio.wait_for(anext(events), 1.0))
+        more.set()
+        got.extend([d async for d in events])
+
+    asyncio.run(go())
+    assert got == ["a", "b"]
+
+
+def test_a_complete_line_over_the_cap_is_refused_even_in_one_chunk() -> None:
+    with pytest.raises(ExpertFailed, match="a line over 100 bytes"):
+        sse_of([b"data: " + b"x" * 5000 + b"\n\n"])
+
+
+def test_the_content_type_is_matched_whatever_its_case() -> None:
+    headers = {"content-type": "Text/Event-Stream; charset=utf-8"}
+    items = collect(lambda r: httpx.Response(200, headers=headers, stream=Pieces(GOOD)))
+    assert [i.text for i in items] == ["ta", "ne", "lp", "tanelp"]
