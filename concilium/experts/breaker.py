@@ -9,11 +9,14 @@ the circuit again or re-opens it for another cooldown.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncGenerator, Callable, Iterator
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 from concilium.errors import ExpertFailed, ExpertUnavailable
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -64,6 +67,28 @@ class CircuitBreaker:
         except BaseException:
             if trial:
                 self.failure(key)
+            raise
+        self.success(key)
+
+    async def stream(self, key: str, items: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
+        """`items` (a streamed answer) as one guarded call: a failure at any point counts
+        against `key`, a stream that ends for it, and so does one its client stops reading after
+        a first piece; cancelled before any piece, a half-open trial counts as failed."""
+        self.check(key)
+        trial, answered = self.is_open(key), False
+        try:
+            async with aclosing(items):
+                async for item in items:
+                    answered = True
+                    yield item
+        except ExpertFailed:
+            self.failure(key)
+            raise
+        except BaseException:  # cancelled, or the client went away
+            if answered:
+                self.success(key)
+            elif trial:
+                self.failure(key)  # never hold the half-open trial slot
             raise
         self.success(key)
 

@@ -149,7 +149,8 @@ class ExpertPool:
     ) -> AsyncGenerator[StreamItem, None]:
         """Local experts stream token by token, remote ones as their endpoint streams."""
         if target.remote is not None:
-            async with aclosing(self._remote_stream(target, messages, params)) as remote:
+            answer = RemoteExpert(target.remote, self.client).chat_stream(messages, params)
+            async with aclosing(self.breaker.stream(target.expert, answer)) as remote:
                 async for item in remote:
                     yield item
             return
@@ -160,33 +161,6 @@ class ExpertPool:
         async with aclosing(stream_local(lm, request)) as local:  # closed: the decode stops
             async for item in local:
                 yield item
-
-    async def _remote_stream(
-        self, target: Target, messages: Sequence[Message], params: GenParams
-    ) -> AsyncGenerator[StreamItem, None]:
-        """The endpoint's stream under the circuit breaker: a failure at any point counts
-        against the endpoint, a stream that ends (or that its client stops reading after a
-        first piece) for it."""
-        assert target.remote is not None
-        key = target.expert
-        self.breaker.check(key)
-        trial, answered = self.breaker.is_open(key), False
-        stream = RemoteExpert(target.remote, self.client).chat_stream(messages, params)
-        try:
-            async with aclosing(stream):
-                async for item in stream:
-                    answered = True
-                    yield item
-        except ExpertFailed:
-            self.breaker.failure(key)
-            raise
-        except BaseException:  # cancelled, or the client went away
-            if answered:
-                self.breaker.success(key)
-            elif trial:
-                self.breaker.failure(key)  # never hold the half-open trial slot
-            raise
-        self.breaker.success(key)
 
     async def _ready(self, target: Target, params: GenParams) -> LocalCausalLM:
         """The target's model with its adapter, or all its mixture's candidates, loaded."""

@@ -21,7 +21,7 @@ import httpx
 
 from concilium.errors import ExpertFailed, ExpertTimeout, ExpertUnavailable
 from concilium.experts.base import Generation, GenParams, Message, StreamItem
-from concilium.experts.remote_stream import generation, stream_chat
+from concilium.experts.remote_stream import generation, read_body, stream_chat
 from concilium.registry.specs import RemoteSpec
 
 MAX_BODY_BYTES = 64 * 2**20  # a response body (or a whole stream) larger than this is refused
@@ -127,15 +127,8 @@ class RemoteExpert:
         async with self.client.stream(
             "POST", url, json=body, headers=self.headers(), timeout=limit
         ) as r:
-            chunks, size = [], 0
-            async for chunk in r.aiter_bytes():
-                size += len(chunk)
-                if size > MAX_BODY_BYTES:
-                    raise ExpertFailed(
-                        f"remote expert {self.spec.name!r} sent a body over {MAX_BODY_BYTES} bytes"
-                    )
-                chunks.append(chunk)
-            return r.status_code, b"".join(chunks)
+            who = f"remote expert {self.spec.name!r}"
+            return r.status_code, await read_body(r, MAX_BODY_BYTES, who)
 
     def _object(self, content: bytes) -> dict[str, Any]:
         try:

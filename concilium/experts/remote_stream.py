@@ -78,7 +78,7 @@ async def _items(
         expert.check_status(response.status_code, head)
     if "text/event-stream" not in response.headers.get("content-type", "text/event-stream").lower():
         async with asyncio.timeout_at(end):
-            whole = await _body(response, max_total, who)
+            whole = await read_body(response, max_total, who)
         gen = expert.parse_completion(whole)
         yield Delta(gen.text)
         yield gen
@@ -167,7 +167,8 @@ async def _head(response: Any, cap: int = 4096) -> bytes:
     return out[:cap]
 
 
-async def _body(response: Any, cap: int, who: str) -> bytes:
+async def read_body(response: Any, cap: int, who: str) -> bytes:
+    """A response's whole body; ExpertFailed, the rest unread, once it passes `cap` bytes."""
     out, size = [], 0
     async for chunk in response.aiter_bytes():
         size += len(chunk)

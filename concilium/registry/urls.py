@@ -156,13 +156,7 @@ def _resolve(host: str, port: int) -> list[IPAddress]:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):
         return []
-    out: list[IPAddress] = []
-    for info in infos:
-        try:
-            out.append(ipaddress.ip_address(info[4][0]))
-        except ValueError:
-            continue
-    return out
+    return [ip for info in infos if (ip := parse_ip(str(info[4][0]))) is not None]
 
 
 def _unwrap(ip: IPAddress) -> IPAddress:
