@@ -19,8 +19,8 @@ from torch import nn
 from concilium.errors import ConfigError
 from concilium.experts.moe.kernels.decode import decode_moe
 from concilium.experts.moe.kernels.dense import dense_moe
-from concilium.experts.moe.kernels.grouped import grouped_mm_fits, grouped_moe
-from concilium.experts.moe.kernels.onednn import PackCache
+from concilium.experts.moe.kernels.grouped import grouped_mm_fits, grouped_moe, needs_grad
+from concilium.experts.moe.kernels.onednn import PackCache, PackedExperts
 from concilium.experts.moe.reference import reference_moe, shared_swiglu, split_w13
 
 
@@ -37,6 +37,11 @@ class MoEBackend(ABC):
     @abstractmethod
     def __call__(self, x, w13, w2, weights, idxs) -> torch.Tensor: ...
 
+    def packed(self, x, w13, w2, weights) -> PackedExperts | None:
+        """The layer's packs for an inference call; None under autograd, which never uses them
+        (building them there would repack every expert after each optimizer step)."""
+        return None if needs_grad(x, w13, w2, weights) else self.packs.get(w13, w2)
+
 
 class ReferenceBackend(MoEBackend):
     name = "reference"
@@ -49,7 +54,7 @@ class GroupedBackend(MoEBackend):
     name = "grouped"
 
     def __call__(self, x, w13, w2, weights, idxs) -> torch.Tensor:
-        return grouped_moe(x, w13, w2, weights, idxs, packed=self.packs.get(w13, w2))
+        return grouped_moe(x, w13, w2, weights, idxs, packed=self.packed(x, w13, w2, weights))
 
 
 class GroupedMMBackend(MoEBackend):
@@ -63,7 +68,7 @@ class DecodeBackend(MoEBackend):
     name = "decode"
 
     def __call__(self, x, w13, w2, weights, idxs) -> torch.Tensor:
-        return decode_moe(x, w13, w2, weights, idxs, packed=self.packs.get(w13, w2))
+        return decode_moe(x, w13, w2, weights, idxs, packed=self.packed(x, w13, w2, weights))
 
 
 class DenseBackend(MoEBackend):
@@ -90,7 +95,7 @@ class AutoBackend(MoEBackend):
             return dense_moe(x, w13, w2, weights, idxs)
         if w13[0].nbytes + w2[0].nbytes <= self.small_expert_bytes and grouped_mm_fits(w2):
             return grouped_moe(x, w13, w2, weights, idxs, gemm="grouped_mm")
-        packed = self.packs.get(w13, w2)
+        packed = self.packed(x, w13, w2, weights)
         if x.shape[0] <= self.decode_max_tokens:
             return decode_moe(x, w13, w2, weights, idxs, packed=packed)
         return grouped_moe(x, w13, w2, weights, idxs, packed=packed)

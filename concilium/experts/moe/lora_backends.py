@@ -68,13 +68,13 @@ class GatherBackend(LoRABackend):
     def add(
         self, y: Tensor, x: Tensor, a: Tensor, b: Tensor, gates: Tensor, idxs: Tensor
     ) -> Tensor:
-        (t, k), (n, r, _) = idxs.shape, a.shape
+        (t, k), (n, r, d), d_out = idxs.shape, a.shape, b.shape[1]  # sizes, not -1: T·K may be 0
         flat = idxs.reshape(-1)  # [T·K]
-        a_s = a.reshape(n, -1).index_select(0, flat).view(t, k * r, -1)  # [T, K·R, D]
+        a_s = a.reshape(n, -1).index_select(0, flat).view(t, k * r, d)  # [T, K·R, D]
         h = torch.bmm(a_s, x[:, :, None]).view(t, k, r) * gates[:, :, None]  # [T, K, R]
         bt = b.transpose(1, 2)  # [N, R, Dout], a view: no copy when b is stored transposed
-        b_s = bt.reshape(n, -1).index_select(0, flat).view(t, k * r, -1)  # [T, K·R, Dout]
-        y3, h3 = y.view(t, 1, -1), h.view(t, 1, k * r)  # [T, 1, Dout], [T, 1, K·R]
+        b_s = bt.reshape(n, -1).index_select(0, flat).view(t, k * r, d_out)  # [T, K·R, Dout]
+        y3, h3 = y.view(t, 1, d_out), h.view(t, 1, k * r)  # [T, 1, Dout], [T, 1, K·R]
         return (y3.baddbmm_(h3, b_s) if _inplace() else torch.baddbmm(y3, h3, b_s)).view_as(y)
 
 

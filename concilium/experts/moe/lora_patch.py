@@ -73,7 +73,8 @@ class MixtureLinear(nn.Module):
         prior = handle.token_prior(x.shape[:-1])
         gates, idxs = handle.router.route(flat, self.name, prior)  # [T, K] each
         handle.record(gates, idxs)
-        return self.mixture(flat, gates, idxs).view(*x.shape[:-1], -1)
+        d_out = self.mixture.base.out_features  # not -1: an empty batch has no size to infer
+        return self.mixture(flat, gates, idxs).view(*x.shape[:-1], d_out)
 
 
 class MixtureHandle:

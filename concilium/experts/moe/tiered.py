@@ -77,11 +77,13 @@ class TierReport:
         return total
 
     def close(self) -> None:
-        """Finish the loads in flight and stop the loader thread."""
+        """Finish the loads in flight, stop the loader thread and unmap the tier file."""
         for c in self.caches:
             c.close()
         if self.loader is not None:
             self.loader.shutdown(wait=True)
+        for c in self.caches:
+            c.store.close()
 
 
 def tier(

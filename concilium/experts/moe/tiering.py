@@ -53,9 +53,15 @@ class ExpertStore:
         self._file = safe_open(str(self.path), framework="pt")
 
     def load(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(w13 [2H, D], w2 [D, H]) of one expert, copied out of the mapping."""
+        """(w13 [2H, D], w2 [D, H]) of one expert, copied out of the mapping (`get_tensor` alone
+        returns a view of it: the bytes would be read later, by whoever computes with them)."""
         get = self._file.get_tensor
-        return get(expert_key(layer, expert, "w13")), get(expert_key(layer, expert, "w2"))
+        w13, w2 = get(expert_key(layer, expert, "w13")), get(expert_key(layer, expert, "w2"))
+        return w13.clone(), w2.clone()
+
+    def close(self) -> None:
+        """Unmap the file (loads fail after this; the experts already loaded stay valid)."""
+        self._file.__exit__(None, None, None)
 
 
 @dataclass(slots=True)
@@ -137,9 +143,8 @@ class ExpertCache:
     def prefetch(self, experts: Iterable[int], keep: Iterable[int] = ()) -> None:
         """Load the predicted experts not resident, never evicting `keep` or each other."""
         self._settle()
-        wanted = [
-            e for e in dict.fromkeys(experts) if e not in self._slots and e not in self._pending
-        ]
+        experts = list(dict.fromkeys(experts))  # an iterator is read once, below twice
+        wanted = [e for e in experts if e not in self._slots and e not in self._pending]
         protect = set(keep) | set(experts)
         for e in wanted[: max(0, self.budget - len(self.pinned))]:
             if self._evict(protect) or self._used() < self.budget:

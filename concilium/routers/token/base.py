@@ -48,8 +48,9 @@ class TokenPrior:
         out = scores if self.bias is None else scores + self.bias
         return out.masked_fill(~self.allowed, float("-inf"))
 
-    def min_candidates(self) -> int:
-        return int(self.allowed.sum(-1).min())
+    def max_candidates(self) -> int:
+        """The most candidates any token has (0 for no tokens)."""
+        return int(self.allowed.sum(-1).max()) if self.allowed.numel() else 0
 
 
 def prior_from_scores(
@@ -88,14 +89,20 @@ def stack_priors(priors: Sequence[TokenPrior | None], lengths: Sequence[int], n:
 def top_k_softmax(
     scores: Tensor, k: int, temperature: float, prior: TokenPrior | None = None
 ) -> tuple[Tensor, Tensor]:
-    """``scores [T, N]`` -> softmax over each token's top-k ``(weights [T, K], idxs [T, K])``."""
+    """``scores [T, N]`` -> softmax over each token's top-k ``(weights [T, K], idxs [T, K])``.
+
+    K is cut to the most candidates any token has, never to the fewest, so a token's routing does
+    not depend on the others in its batch; a slot beyond a token's candidates (score -inf) gets
+    weight 0, and so does every slot of a token with no candidate at all (not NaN).
+    """
     import torch
 
     if prior is not None:
         scores = prior.apply(scores)
-        k = min(k, prior.min_candidates())
+        k = min(k, prior.max_candidates())
     vals, idxs = scores.topk(min(k, scores.shape[-1]), dim=-1)
-    return torch.softmax(vals / temperature, dim=-1), idxs
+    weights = torch.softmax(vals / temperature, dim=-1)
+    return weights.masked_fill(vals == float("-inf"), 0.0), idxs
 
 
 class TokenRouter(ABC):

@@ -163,3 +163,19 @@ def _recording(add, picked: list[str], name: str):  # type: ignore[no-untyped-de
         return add(*args)
 
     return wrapped
+
+
+@pytest.mark.parametrize("backend", sorted(LORA_BACKENDS))
+@pytest.mark.parametrize(("t", "k"), [(0, 2), (3, 0)])
+@pytest.mark.parametrize("grad", [False, True])
+def test_no_tokens_or_no_slots_give_the_base_output(backend: str, t: int, k: int, grad: bool):
+    """T = 0 (an empty batch) and K = 0 (a prior with no candidate): y = base(x), no error."""
+    layer = _layer(4)
+    layer.backend = get_backend(backend)
+    x = torch.randn(t, D)
+    gates, idxs = torch.rand(t, k), torch.zeros(t, k, dtype=torch.long)
+    with torch.set_grad_enabled(grad):
+        y = layer(x, gates, idxs)
+        want = layer.base(x)
+    assert y.shape == (t, DOUT)
+    torch.testing.assert_close(y, want)

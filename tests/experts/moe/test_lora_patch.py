@@ -118,3 +118,21 @@ def test_one_prior_per_row_mixes_requests_in_one_batch(pack_dir: Path, base: Any
         handle.remove()
     torch.testing.assert_close(got[0], want[0][0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got[1], want[1][1], rtol=1e-4, atol=1e-4)
+
+
+def test_a_patched_layer_takes_an_empty_batch():
+    """x [B, 0, D] (no tokens) comes back as [B, 0, Dout]."""
+    from torch import nn
+
+    from concilium.experts.moe.lora_mixture import LoRAWeights
+
+    model = nn.Sequential(nn.Linear(8, 5))
+    router = build_token_router({"kind": "uniform"})
+    router.add_adapter("a")
+    handle = patch_lora_mixture(
+        model, {"a": {"0": LoRAWeights(torch.randn(2, 8), torch.randn(5, 2), 1.0)}}, router
+    )
+    with torch.no_grad():
+        y = model(torch.randn(2, 0, 8))
+    handle.remove()
+    assert y.shape == (2, 0, 5)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from concilium.errors import ConfigError
+from concilium.experts.moe.kernels import onednn
 from concilium.experts.moe.layer import MOE_BACKEND_CLS, SparseMoE, get_backend
 from concilium.experts.moe.reference import fuse_w13, reference_moe, shared_swiglu, swiglu
 
@@ -142,3 +143,27 @@ def test_packed_weights_follow_in_place_updates(backend: str) -> None:
         got = moe(x, weights, idxs)
         want = reference_moe(x, moe.w13, moe.w2, weights, idxs)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.skipif(not onednn.available(), reason="no oneDNN in this torch build")
+@pytest.mark.parametrize(
+    ("backend", "t"), [("grouped", 8), ("decode", 3), ("auto", 3), ("auto", 8)]
+)
+def test_training_builds_no_packed_weights(
+    monkeypatch: pytest.MonkeyPatch, backend: str, t: int
+) -> None:
+    """Grad mode never uses the packs, so it must not build them: each optimizer step changes
+    the weights, and repacking every expert per forward costs a full copy for nothing."""
+    packs: list[int] = []
+    real_pack = onednn.pack
+    monkeypatch.setattr(onednn, "pack", lambda *a, **k: packs.append(1) or real_pack(*a, **k))
+    moe = SparseMoE(8, 256, 512, backend=backend)  # experts over AutoBackend's small size
+    g = torch.Generator().manual_seed(8)
+    x, weights = torch.randn(t, 256, generator=g), torch.rand(t, 2, generator=g)
+    idxs = torch.randint(0, 8, (t, 2), generator=g)
+    moe(x, weights, idxs).sum().backward()
+    assert packs == []
+    with torch.no_grad():  # inference still packs, once
+        moe(x, weights, idxs)
+        moe(x, weights, idxs)
+    assert packs == [1]

@@ -129,3 +129,42 @@ def test_super_experts_are_found_and_stay_resident(tmp_path: Path) -> None:
     with torch.no_grad():
         model.generate(ids, max_new_tokens=8, do_sample=False)
     assert 3 in report.caches[1].resident
+
+
+def _mapped(path: Path) -> bool:
+    """True while this process has `path` memory-mapped (Linux /proc)."""
+    return any(str(path) in line for line in Path("/proc/self/maps").read_text().splitlines())
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_close_unmaps_the_tier_file_and_resident_weights_survive(tmp_path: Path) -> None:
+    """Loads copy out of the mapping (the resident experts hold no view of the file), and closing
+    the report releases the file even while the model is still alive."""
+    from concilium.experts.moe.replica import MoEOptions, prepare
+
+    model = tiny("mixtral")
+    ids = prompt(model.config.vocab_size)
+    stock = model.model.layers[0].mlp.experts.gate_up_proj.detach().clone()  # [E, 2H, D]
+    setup = prepare(model, MoEOptions(resident_experts=3, store_dir=tmp_path), ids)
+    assert setup.tiers is not None
+    with torch.no_grad():
+        model(ids)
+    cache = setup.tiers.caches[0]
+    path = cache.store.path
+    assert _mapped(path)
+    setup.close()
+    assert not _mapped(path) and not path.exists()
+    e = cache.resident[0]
+    torch.testing.assert_close(cache.get(e)[0], stock[e], rtol=0, atol=0)  # a hit: no file
+
+
+def test_prefetch_of_a_generator_never_evicts_its_own_picks(tmp_path: Path) -> None:
+    """`experts` may be any iterable: the predicted experts protect each other either way."""
+    got = []
+    for picks in ([3, 4], iter([3, 4])):
+        cache = ExpertCache(store_with(tmp_path), 0, budget=2, policy="lfu")
+        cache.get(1)
+        cache.get(2)
+        cache.prefetch(picks)
+        got.append(cache.resident)
+    assert got == [[3, 4], [3, 4]]

@@ -65,7 +65,10 @@ def test_prior_restricts_candidates(kind: str):
     per_token[:, 5] = True
     per_token[:4, 0] = True  # the first four tokens may also use adapter 0
     w, idx = router.route(_x(), LAYERS[0], TokenPrior(per_token))
-    assert idx.shape[1] == 1 and set(idx[4:].flatten().tolist()) == {5}
+    # K follows the tokens with the most candidates; the others' spare slots weigh 0
+    assert idx.shape[1] == 2 and set(idx[:4].flatten().tolist()) == {0, 5}
+    assert set(idx[4:, 0].tolist()) == {5} and bool((w[4:, 0] == 1).all())
+    assert bool((w[4:, 1] == 0).all())
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -83,3 +83,38 @@ def test_oracle_routes_everything_to_its_target():
     router.set_target("a1")  # type: ignore[attr-defined]
     w, idx = router.route(torch.randn(4, D), "l")
     assert idx.tolist() == [[1]] * 4 and w.tolist() == [[1.0]] * 4
+
+
+def test_a_token_whose_candidates_have_no_vector_here_gets_no_adapter_not_nan():
+    """The prior allows only an adapter that does not adapt this layer: weight 0, never NaN."""
+    router = build_token_router({"kind": "arrow", "top_k": 2})
+    router.add_adapter("q-only", {"q": _basis(0)})
+    router.add_adapter("v-only", {"v": _basis(1)})
+    w, _ = router.route(torch.randn(3, D), "v", TokenPrior(torch.tensor([True, False])))
+    assert not w.isnan().any() and bool((w == 0).all())
+
+
+@pytest.mark.parametrize("kind", ["arrow", "uniform"])
+def test_a_row_routes_the_same_whatever_else_is_in_the_batch(kind: str):
+    """A per-token prior mixing requests: a row with one candidate must not cut the K of the
+    others (their routing would depend on who shares the batch)."""
+    router = build_token_router({"kind": kind, "top_k": 2})
+    for i in range(3):
+        router.add_adapter(f"a{i}", {"l": _basis(i)})
+    x = torch.randn(4, D, generator=torch.Generator().manual_seed(3))
+    alone_w, alone_i = router.route(x[2:], "l")  # rows 2-3 on their own, no prior
+    allowed = torch.ones(4, 3, dtype=torch.bool)
+    allowed[:2] = torch.tensor([False, True, False])  # rows 0-1: one candidate only
+    w, i = router.route(x, "l", TokenPrior(allowed))
+    assert i[:2, 0].tolist() == [1, 1] and bool((w[:2, 0] == 1).all())
+    assert bool((w[:2, 1:] == 0).all())  # their spare slots add nothing
+    torch.testing.assert_close(w[2:, : alone_w.shape[1]], alone_w)
+    assert torch.equal(i[2:, : alone_i.shape[1]], alone_i)
+
+
+def test_no_tokens_with_a_per_token_prior():
+    router = build_token_router({"kind": "phatgoose", "top_k": 2})
+    for i in range(3):
+        router.add_adapter(f"a{i}", {"l": _basis(i)})
+    w, i = router.route(torch.randn(0, D), "l", TokenPrior(torch.ones(0, 3, dtype=torch.bool)))
+    assert w.shape[0] == i.shape[0] == 0
