@@ -150,7 +150,7 @@ def _spec_input(
 
     try:
         data = yaml.safe_load(spec.read_text())
-    except (OSError, yaml.YAMLError) as e:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         _fail(f"cannot read spec {spec}: {e}")
     if not isinstance(data, dict):
         _fail(f"spec {spec} must be a JSON/YAML mapping")
@@ -163,11 +163,24 @@ def _post_expert(url: str, data: dict[str, Any], key: str | None) -> dict[str, A
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
         r = httpx.post(url.rstrip("/") + "/v1/experts", json=data, headers=headers, timeout=120)
-    except httpx.HTTPError as e:
+    except (httpx.HTTPError, httpx.InvalidURL) as e:
         _fail(f"cannot reach {url}: {e}")
+    return _answer_json(r, url)
+
+
+def _answer_json(r: Any, url: str) -> dict[str, Any]:
+    """The JSON object of a gateway answer; an HTTP error or a non-JSON body fails cleanly."""
+    try:
+        data = r.json()
+    except ValueError:
+        data = None
     if r.status_code >= 400:
-        _fail(f"HTTP {r.status_code}: {r.json().get('error', {}).get('message', r.text)}")
-    return dict(r.json())
+        err_obj = data.get("error") if isinstance(data, dict) else None
+        msg = err_obj.get("message") if isinstance(err_obj, dict) else None
+        _fail(f"HTTP {r.status_code}: {msg or r.text[:200]}")
+    if not isinstance(data, dict):
+        _fail(f"{url} answered HTTP {r.status_code} without a JSON object: not a concilium gateway")
+    return data
 
 
 @experts_app.command("list")
@@ -213,13 +226,44 @@ def experts_show(name: str, config: Path | None = ConfigOpt, home: Path | None =
 
 
 @experts_app.command("rm")
-def experts_rm(name: str, config: Path | None = ConfigOpt, home: Path | None = HomeOpt) -> None:
-    """Remove an expert (running gateways stop routing to it within a second)."""
-    try:
-        version = _store(config, home).remove(name)
-    except ConciliumError as e:
-        _fail(str(e))
+def experts_rm(
+    name: str,
+    url: str | None = typer.Option(
+        None, help="Remove through a running gateway (drains the expert's requests first)."
+    ),
+    config: Path | None = ConfigOpt,
+    home: Path | None = HomeOpt,
+) -> None:
+    """Remove an expert (running gateways stop routing to it within a second).
+
+    Without --url the row is removed from the store directly: a model expert registered while
+    the server ran keeps its own Serve application until the server restarts; with --url the
+    gateway drains its in-flight requests and deletes that application too."""
+    if url is not None:
+        version = _delete_expert(url, name, _config(config).admin_key())
+    else:
+        try:
+            version = _store(config, home).remove(name)
+        except ConciliumError as e:
+            _fail(str(e))
     out.print(f"removed {name}; registry version {version}")
+
+
+def _delete_expert(url: str, name: str, key: str | None) -> int:
+    from urllib.parse import quote
+
+    import httpx
+
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    target = url.rstrip("/") + "/v1/experts/" + quote(name, safe="")
+    try:
+        r = httpx.delete(target, headers=headers, timeout=300)
+    except (httpx.HTTPError, httpx.InvalidURL) as e:
+        _fail(f"cannot reach {url}: {e}")
+    version = _answer_json(r, url).get("version")
+    if not isinstance(version, int):
+        _fail(f"{url} answered the DELETE without a registry version: not a concilium gateway")
+    return version
 
 
 @experts_app.command("gc")
@@ -248,8 +292,8 @@ def experts_gc(
 def route(
     query: str,
     router: str | None = typer.Option(None, help="Router name (default: the configured one)."),
-    max_cost: float | None = typer.Option(None, help="Cost ceiling."),
-    max_latency_ms: float | None = typer.Option(None, help="Latency ceiling (ms)."),
+    max_cost: float | None = typer.Option(None, min=0, help="Cost ceiling."),
+    max_latency_ms: float | None = typer.Option(None, min=0, help="Latency ceiling (ms)."),
     max_tokens: int | None = typer.Option(None, help="Tokens the answer may use (for estimates)."),
     config: Path | None = ConfigOpt,
     home: Path | None = HomeOpt,
@@ -308,16 +352,18 @@ def chat(
         body["max_tokens"] = max_tokens
     try:
         r = httpx.post(url.rstrip("/") + "/v1/chat/completions", json=body, timeout=120)
-    except httpx.HTTPError as e:
+    except (httpx.HTTPError, httpx.InvalidURL) as e:
         _fail(f"cannot reach {url}: {e}")
-    data = r.json()
-    if r.status_code >= 400:
-        _fail(f"HTTP {r.status_code}: {data.get('error', {}).get('message', r.text)}")
+    data = _answer_json(r, url)
     if as_json:
         out.print_json(data=data)
         return
-    rt = data["routing"]
-    out.print(data["choices"][0]["message"]["content"], highlight=False)
+    try:
+        rt = data["routing"]
+        text = data["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        _fail(f"{url} answered without choices and routing: is it a concilium gateway?")
+    out.print(text, highlight=False)
     out.print(
         f"[dim]{rt['expert']} via {rt['router']} · confidence {rt['confidence']:.3f} · "
         f"cost {rt['cost']:.6f} · {rt['latency_ms']:.0f} ms[/dim]"
@@ -344,6 +390,8 @@ def eval_cmd(
     from concilium.evaluation import run_eval
 
     t0 = time.perf_counter()
+    if fit_table is not None and table is None:
+        _fail("--fit-table goes with --table (the demo pack brings its own fit table)")
     if table is None and not (pack / "manifest.json").is_file():
         _fail(f"{pack} is not a demo pack (no manifest.json); build it with `make pack`")
     try:
@@ -357,6 +405,8 @@ def eval_cmd(
             say=lambda m: err.print(f"[{time.perf_counter() - t0:5.1f}s] {m}", highlight=False),
         )
     except ConciliumError as e:
+        _fail(str(e))
+    except OSError as e:
         _fail(str(e))
     out.print(md, highlight=False, markup=False)
     suffix = "_quick" if quick else ""
@@ -405,7 +455,9 @@ def calibrate(
         unknown = sorted(set(names or []) - set(data.experts))
         if unknown:
             _fail(f"--expensive names experts not in the table: {unknown}")
+        merge_into(config, {})  # a bad config fails before the fit, not after it
         cal = fit(replay_for, data, target_share=target_share, seed=seed, expensive=names)
+        doc = merge_into(config, cal.config())
     except ConciliumError as e:
         _fail(str(e))
     out.print(
@@ -416,13 +468,23 @@ def calibrate(
         f"({100 * cal.escalation_share:.1f}% escalate past the first stage); seed {seed}",
         highlight=False,
     )
-    doc = merge_into(config, cal.config())
     text = yaml.safe_dump(doc, sort_keys=False)
     if out_path is None:
         out.print(text, highlight=False, markup=False)
     else:
-        out_path.write_text(text)
+        _write_whole(out_path, text)
         out.print(f"wrote {out_path}")
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it over `path`."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        _fail(f"cannot write {path}: {e}")
 
 
 # -- pack ----------------------------------------------------------------------------------------
@@ -435,7 +497,10 @@ def pack_build(
     """Build the demo expert pack (MoE base + LoRA skill adapters) from a seed."""
     from concilium.pack.build import build_pack
 
-    path = build_pack(out_dir, seed=seed, quick=quick, progress=lambda m: err.print(m))
+    try:
+        path = build_pack(out_dir, seed=seed, quick=quick, progress=lambda m: err.print(m))
+    except ConciliumError as e:
+        _fail(str(e))
     out.print(f"demo pack written to {path}")
 
 

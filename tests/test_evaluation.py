@@ -3,6 +3,7 @@ synthetic outcome table (hash encoder, no model), and the CLI's errors."""
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -124,3 +125,87 @@ def test_cli_eval_and_calibrate_refuse_bad_input(tmp_path: Path) -> None:
         app, ["calibrate", "--target-share", "0.3", "--table", str(good), "--expensive", "zzz"]
     )
     assert r.exit_code == 2 and "zzz" in r.output
+
+
+def test_calibration_reports_the_real_share_when_the_target_is_out_of_reach() -> None:
+    table = synthetic(40)
+    enc = HashEncoder()
+
+    def replay_for(known: OutcomeTable, calib: OutcomeTable):  # type: ignore[no-untyped-def]
+        return imported_replay(enc, known, calib)
+
+    # the specialists answer their family as well as the dear generalist, for a tenth of the
+    # cost: even at quality weight 1 many queries go to them, so a 99 % share is never reached
+    cal = calibrate(replay_for, table, target_share=0.99, seed=1, expensive=["general"])
+    known, calib = split(table, 1)
+    replay, emb = replay_for(known, calib)
+    from concilium.evaluation.simulate import TableSource
+    from concilium.routers.query.predictive import PredictiveRouter
+
+    router = PredictiveRouter()
+    router.attach(TableSource(known, emb))
+    router.prepare(replay.candidates)
+    chosen = replay.single(router, quality_weight=1.0).chosen
+    share = float(np.mean([c == "general" for c in chosen]))
+    assert share < 0.99
+    assert cal.quality_weight == 1.0 and cal.share_at_weight == pytest.approx(share)
+
+
+def test_split_refuses_to_leave_a_half_empty() -> None:
+    from concilium.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="1 row"):
+        split(synthetic(5).subset([0]), seed=0)
+    fit, test = split(synthetic(5).subset([0, 1]), seed=0)
+    assert len(fit) == len(test) == 1
+
+
+def test_cached_tables_never_pair_a_stale_key_with_new_tables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build that fails after writing one table must not leave the old key claiming it."""
+    import concilium.evaluation.build as build
+
+    pack, cache = tmp_path / "pack", tmp_path / "cache"
+    pack.mkdir()
+    a, b = synthetic(5), synthetic(6)
+    none = build.QuerySet([], [], [], [])
+    monkeypatch.setattr(build, "query_sets", lambda *_a, **_k: (none, none))
+    monkeypatch.setattr(build, "run_experts", lambda *_a, **_k: [a, a])
+    (pack / "manifest.json").write_text('{"v": "A"}')
+    build.cached_tables(pack, cache, per_skill=None)  # cache now holds A's tables and key
+    (pack / "manifest.json").write_text('{"v": "B"}')
+    monkeypatch.setattr(build, "run_experts", lambda *_a, **_k: [b, b])
+    real_write, calls = OutcomeTable.write, []
+
+    def failing_write(self: OutcomeTable, path: Path) -> Path:
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real_write(self, path)
+
+    monkeypatch.setattr(OutcomeTable, "write", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        build.cached_tables(pack, cache, per_skill=None)  # B's fit table written, then failure
+    monkeypatch.setattr(OutcomeTable, "write", real_write)
+    (pack / "manifest.json").write_text('{"v": "A"}')
+    monkeypatch.setattr(build, "run_experts", lambda *_a, **_k: [a, a])
+    fit, test = build.cached_tables(pack, cache, per_skill=None)
+    assert len(fit) == len(a) and len(test) == len(a)  # rebuilt, not B's fit table with A's key
+
+
+def test_cached_tables_rebuild_over_a_damaged_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import concilium.evaluation.build as build
+
+    pack, cache = tmp_path / "pack", tmp_path / "cache"
+    pack.mkdir()
+    (pack / "manifest.json").write_text("{}")
+    none = build.QuerySet([], [], [], [])
+    monkeypatch.setattr(build, "query_sets", lambda *_a, **_k: (none, none))
+    monkeypatch.setattr(build, "run_experts", lambda *_a, **_k: [synthetic(5), synthetic(5)])
+    build.cached_tables(pack, cache, per_skill=None)
+    (cache / "demo_all.json").write_text('{"manifest": "ab')  # cut short by a crash
+    fit, _ = build.cached_tables(pack, cache, per_skill=None)
+    assert len(fit) == 15 and json.loads((cache / "demo_all.json").read_text())["per_skill"] is None

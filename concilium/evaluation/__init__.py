@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from concilium.errors import InvalidInput
 from concilium.outcomes.table import OutcomeTable
 
 Progress = Callable[[str], None]
@@ -68,8 +69,13 @@ def run_eval(
 
 
 def split(table: OutcomeTable, seed: int, share: float = 0.5) -> tuple[OutcomeTable, OutcomeTable]:
-    """A seeded (fit, test) split of one table."""
+    """A seeded (fit, test) split of one table; InvalidInput when either half would be empty."""
     idx = list(range(len(table)))
     random.Random(seed).shuffle(idx)
     k = int(len(idx) * share)
+    if not 0 < k < len(idx):
+        raise InvalidInput(
+            f"an outcome table of {len(idx)} row(s) cannot be split into fit and test halves "
+            "(give at least 2 rows, or a separate fit table)"
+        )
     return table.subset(np.sort(idx[:k])), table.subset(np.sort(idx[k:]))

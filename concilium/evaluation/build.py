@@ -153,15 +153,24 @@ def cached_tables(
     key = {"manifest": digest, "per_skill": per_skill, "seed": seed, "max_tokens": MAX_TOKENS}
     paths = [cache_dir / f"demo_{name}_{tag}.csv" for name in ("fit", "test")]
     meta = cache_dir / f"demo_{tag}.json"
-    fresh = all(p.is_file() for p in paths) and meta.is_file()
-    if fresh and json.loads(meta.read_text()) == key:
+    fresh = all(p.is_file() for p in paths) and meta.is_file() and _read_key(meta) == key
+    if fresh:
         say(f"outcome tables from cache {cache_dir}")
         fit, test = (OutcomeTable.read(p) for p in paths)
         return fit, test
     fit_q, test_q = query_sets(pack_dir, per_skill, seed)
     say(f"running every expert on {len(fit_q.ids)} fit + {len(test_q.ids)} test queries")
     fit, test = run_experts(pack_dir, [fit_q, test_q], say=say)
+    meta.unlink(missing_ok=True)  # a failure below must leave no key vouching for the tables
     for t, p in zip((fit, test), paths, strict=True):
         t.write(p)
     meta.write_text(json.dumps(key, indent=1) + "\n")
     return fit, test
+
+
+def _read_key(meta: Path) -> Any:
+    """The cache key recorded in `meta`; None when it is unreadable (a crash cut it short)."""
+    try:
+        return json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return None

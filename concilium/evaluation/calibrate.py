@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from concilium.errors import ConfigError
 from concilium.evaluation import split
 from concilium.evaluation.simulate import Replay, TableSource, _options
 from concilium.orchestrator.planning import Budget, plan_cascade
@@ -75,11 +76,11 @@ def calibrate(
     router.attach(TableSource(known, known_emb))
     router.prepare(replay.candidates)
     dear = set(expensive)
-    weight, share = 1.0, 1.0
-    for w in GRID:
+    weight, share = 1.0, 0.0
+    for w in GRID:  # out of reach: w = 1 and the share it reaches
         s = float(np.mean([c in dear for c in replay.single(router, quality_weight=w).chosen]))
+        weight, share = float(w), s
         if s >= target_share:
-            weight, share = float(w), s
             break
     first = _first_stage_confidences(replay, router, adequacy)
     first = first[~np.isnan(first)]
@@ -111,20 +112,41 @@ def _first_stage_confidences(
 
 
 def merge_into(config_path: Path | None, fragment: dict[str, Any]) -> dict[str, Any]:
-    """The config at `config_path` (plain or Serve YAML) with `fragment` merged in."""
+    """The config at `config_path` (plain or Serve YAML) with `fragment` merged in.
+
+    ConfigError when the file is not YAML or not laid out as a config."""
     import yaml
 
-    doc: dict[str, Any] = {}
+    doc: Any = {}
     if config_path is not None and config_path.is_file():
-        doc = yaml.safe_load(config_path.read_text()) or {}
-    target = doc
+        try:
+            doc = yaml.safe_load(config_path.read_text()) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise ConfigError(f"cannot read config {config_path}: {e}") from None
+    target = _section(doc, f"config {config_path}")
     if "applications" in doc:
-        args = doc["applications"][0].setdefault("args", {})
-        target = args.setdefault("concilium", {})
+        apps = doc["applications"]
+        if not isinstance(apps, list) or not apps:
+            raise ConfigError(f"config {config_path}: 'applications' must be a non-empty list")
+        args = _child(_section(apps[0], "applications[0]"), "args")
+        target = _child(args, "concilium")
     elif "concilium" in doc:
-        target = doc["concilium"]
+        target = _child(doc, "concilium")
     _deep_merge(target, fragment)
-    return doc
+    return dict(doc)
+
+
+def _section(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{what} must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _child(parent: dict[str, Any], key: str) -> dict[str, Any]:
+    """parent[key] as a mapping, created when absent or empty."""
+    if parent.get(key) is None:
+        parent[key] = {}
+    return _section(parent[key], f"the config's {key!r}")
 
 
 def _deep_merge(dst: dict[str, Any], src: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from concilium.errors import InvalidInput
 from concilium.pack.data import adapter_validation, tagged_validation
 from concilium.pack.evaluate_pack import evaluate_pack
 from concilium.pack.manifest import (
@@ -91,6 +92,8 @@ def build_pack(
     cfg = QUICK if quick else FULL
     say = progress or (lambda _msg: None)
     out_dir = Path(out_dir)
+    if out_dir.name in ("", ".."):  # no name to build `<name>.tmp` beside and swap in
+        raise InvalidInput(f"--out {out_dir} names no directory to replace; give e.g. demo_pack")
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from concilium.errors import ConfigError
 from concilium.pack.splits import SkillSplit
 from concilium.pack.tasks import NON_DEFAULT
 
@@ -114,14 +115,25 @@ def write_manifest(
 
 
 def load_manifest(pack_dir: Path) -> dict[str, Any]:
-    """The parsed manifest.json of a pack directory."""
-    return json.loads((pack_dir / MANIFEST).read_text())
+    """The parsed manifest.json of a pack directory; ConfigError when unreadable or incomplete."""
+    path = Path(pack_dir) / MANIFEST
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"demo pack manifest {path} unreadable: {e}") from None
+    if not isinstance(data, dict) or not {"base", "experts"} <= data.keys():
+        raise ConfigError(f"demo pack manifest {path} lacks 'base'/'experts'")
+    return data
 
 
 def load_heldout(pack_dir: Path) -> list[dict[str, str]]:
-    """The held-out queries of a pack: [{"skill", "query", "answer"}, ...]."""
-    lines = (pack_dir / HELDOUT).read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    """The held-out queries of a pack: [{"skill", "query", "answer"}, ...]; ConfigError if bad."""
+    path = Path(pack_dir) / HELDOUT
+    try:
+        lines = path.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"demo pack heldout file {path} unreadable: {e}") from None
 
 
 def expert_specs(pack_dir: Path, *, defaults_only: bool = False) -> list[dict[str, Any]]:
