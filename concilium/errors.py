@@ -19,6 +19,7 @@
     │   ├── ExpertTimeout           it ran past its deadline (HTTP 504)
     │   └── ExpertUnavailable       it cannot be reached or is overloaded (HTTP 503)
     └── RegistryError               the store itself failed (HTTP 500, never for bad input)
+        └── RegistryUnavailable     the service that writes it cannot be reached (HTTP 503)
 
 HTTP status codes are assigned in exactly one place: ``concilium.orchestrator.http``.
 Every error carries a human message naming the bad value; errors about one request field also carry
@@ -108,3 +109,12 @@ class ExpertUnavailable(ExpertFailed):
 
 class RegistryError(ConciliumError):
     """The registry store failed (I/O, corruption); never raised for bad input."""
+
+
+class RegistryUnavailable(RegistryError):
+    """The service that writes the registry cannot be reached now (restarting, redeployed); the
+    write did not happen or its outcome is unknown, and may be retried (`retry_after_s`)."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

@@ -39,15 +39,16 @@ def build_app(cfg: ServiceConfig) -> Application:
     # seed the registry (packs + embedder) in the driver; the RegistryService trains the gates
     svc = build_service(cfg.model_copy(update={"train_gates": False}))
     dep = cfg.deployment
-    experts: dict[str, Any] = {
-        rec.spec.name: expert_deployment(rec.spec.name, rec.spec.path, dep, str(cfg.home))
+    models = {
+        rec.spec.name: rec.spec.path
         for rec in svc.registry.list()
         if isinstance(rec.spec, ModelSpec) and rec.spec.task == "generate"
     }
+    experts = {n: expert_deployment(n, p, dep, str(cfg.home)) for n, p in models.items()}
     config = cfg.model_dump(mode="json")
     registry = RegistryService.options(logging_config=dep.logging()).bind(config)  # type: ignore[attr-defined]
     gateway = Gateway.options(**deployment_options(dep.gateway, dep))  # type: ignore[attr-defined]
-    return gateway.bind(config, experts, registry)
+    return gateway.bind(config, experts, registry, models)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

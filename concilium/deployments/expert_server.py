@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 from collections import Counter
@@ -42,13 +43,21 @@ WATCH_S = 0.5  # how often a replica checks the registry version for deleted ada
 
 
 class _Resident:
-    """Serve's handle on one loaded adapter; Serve calls __del__ when its LRU evicts it."""
+    """Serve's handle on one loaded adapter. Serve calls __del__ (in a worker thread) when its LRU
+    evicts it, and the interpreter calls it again when the object is freed: only the first call
+    counts, and it hands the eviction to the replica's event loop."""
 
     def __init__(self, server: ExpertServer, name: str) -> None:
         self.server, self.name = server, name
+        self._loop = asyncio.get_running_loop()
+        self._done = False
 
     def __del__(self) -> None:
-        self.server._evicted(self.name)
+        if self._done:
+            return
+        self._done = True
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the replica is stopping
+            self._loop.call_soon_threadsafe(self.server._evicted, self.name)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
@@ -81,6 +90,7 @@ class ExpertServer:
         self._watcher: asyncio.Task[None] | None = None
         self._inflight: Counter[str] = Counter()
         self._unload_when_idle: set[str] = set()
+        self._unloads: set[asyncio.Task[None]] = set()  # unloads running in worker threads
         self.stats: Counter[str] = Counter()
         # Serve keeps its LRU / batch queue on the decorated function: decorate plain closures
         # so the sizes can come from the config
@@ -115,6 +125,18 @@ class ExpertServer:
         self.lm.unload_adapter(name)
         self._loaded.pop(name, None)
 
+    def _unload_later(self, name: str) -> None:
+        """Unload in a worker thread (the model's lock may be held by a decode for a while:
+        never wait for it on the event loop), unless a request took the adapter meanwhile."""
+
+        def unload() -> None:
+            if not self._inflight[name]:
+                self._unload(name)
+
+        task = asyncio.get_running_loop().create_task(asyncio.to_thread(unload))
+        self._unloads.add(task)
+        task.add_done_callback(self._unloads.discard)
+
     def _reload(self, name: str, path: str) -> None:
         """Load `path` under `name` when the model holds other weights under it, or none."""
         self._unload(name)
@@ -131,7 +153,7 @@ class ExpertServer:
         if self._inflight[name]:
             self._unload_when_idle.add(name)
         else:
-            self._unload(name)
+            self._unload_later(name)
 
     async def _acquire(self, held: list[str], target: Target, params: GenParams) -> None:
         """Load the request's adapters (a mixture: all its candidates); `held` lists those to
@@ -154,11 +176,11 @@ class ExpertServer:
             self._inflight[a] -= 1
             if not self._inflight[a] and a in self._unload_when_idle:
                 self._unload_when_idle.discard(a)
-                self._unload(a)
+                self._unload_later(a)
 
     # -- deletions -------------------------------------------------------------------------
     def _watch_registry(self) -> None:
-        if self._home is not None and self._watcher is None:
+        if self._home is not None and (self._watcher is None or self._watcher.done()):
             self._watcher = asyncio.get_running_loop().create_task(self._watch(self._home))
 
     async def _watch(self, home: str) -> None:
@@ -200,7 +222,9 @@ class ExpertServer:
         held: list[str] = []
         try:
             await self._acquire(held, target, params)
-            out = await self._batch(GenRequest(list(messages), params, target.adapter))
+            out = await self._batch(
+                GenRequest(list(messages), params, target.adapter, target.adapter_path)
+            )
             if isinstance(out, Exception):
                 raise out
             return self._stamped(out)
@@ -238,7 +262,7 @@ class ExpertServer:
         held: list[str] = []
         try:
             await self._acquire(held, target, params)
-            request = GenRequest(list(messages), params, target.adapter)
+            request = GenRequest(list(messages), params, target.adapter, target.adapter_path)
             async with aclosing(stream_local(self.lm, request)) as local:
                 async for item in local:
                     yield self._stamped(item) if isinstance(item, Generation) else item

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
@@ -15,10 +17,13 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from concilium.config import DeploymentConfig, ServiceConfig
-from concilium.errors import ConciliumError, ExpertUnavailable
+from concilium.errors import ConciliumError, ExpertFailed, ExpertNotFound, ExpertUnavailable
 from concilium.experts.base import Generation, GenParams, Message, StreamItem, Target
 from concilium.experts.guard import guarded_client
 from concilium.experts.pool import ExpertPool
+
+if TYPE_CHECKING:
+    from concilium.orchestrator.service import Service
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +34,18 @@ def unwrap_ray_error(e: BaseException) -> BaseException:
     return cause if isinstance(cause, ConciliumError) else e
 
 
+def _failed(target: Target, e: RayTaskError) -> BaseException:
+    """What a replica's error means to the caller: its ConciliumError as raised, anything else
+    (a bug, out of memory in the model) an ExpertFailed naming it, so the request falls back to
+    the next candidate or ends 502, not 500."""
+    cause = unwrap_ray_error(e)
+    if isinstance(cause, ConciliumError):
+        return cause
+    inner = getattr(e, "cause", None) or e
+    log.warning("expert %s failed on its replica: %r", target.expert, inner)
+    return ExpertFailed(f"expert {target.expert!r} failed: {type(inner).__name__}: {inner}")
+
+
 def _overloaded(target: Target, e: BackPressureError) -> ExpertUnavailable:
     return ExpertUnavailable(
         f"expert {target.expert!r} is at capacity (its request queue is full); retry later",
@@ -36,13 +53,26 @@ def _overloaded(target: Target, e: BackPressureError) -> ExpertUnavailable:
     )
 
 
+def model_path_of(registry: Any, name: str) -> str | None:
+    """The weights directory model expert `name` is registered with, None when it is not."""
+    try:
+        spec = registry.get(name).spec
+    except ExpertNotFound:
+        return None
+    return str(spec.path) if getattr(spec, "kind", None) == "model" else None
+
+
 class RayBackend:
     """ExpertBackend over Serve handles; remote and embedding experts run in the gateway.
 
-    A request whose replica dies is retried once on another replica (Serve does not do this
-    itself); a full queue is a 503 with Retry-After; a late-registered model gets its own
-    ExpertServer application on first use, and again on the next use after that application
-    was deleted (the expert was removed, then registered again).
+    A non-streaming request whose replica dies is retried once on another replica (Serve does not
+    do this itself); a stream is not (it may have sent pieces already): its caller gets an error
+    event, or the next candidate when nothing was sent. A full queue is a 503 with Retry-After.
+    A model expert gets its own ExpertServer application on first use when the main application
+    has none for it, or has one for other weights (a base re-registered with another directory);
+    such an application is started again on the next use after it was deleted (the expert was
+    removed, then registered again) or failed to start, and never for an expert that is no longer
+    registered with those weights (`registered`: name -> weights directory, None when gone).
     """
 
     def __init__(
@@ -52,14 +82,21 @@ class RayBackend:
         deployment: DeploymentConfig,
         retries: int = 1,
         home: str | None = None,
+        paths: dict[str, str] | None = None,
+        registered: Callable[[str], str | None] | None = None,
     ) -> None:
         self.handles = dict(handles)  # model expert name -> ExpertServer handle
+        self.paths = dict(paths or {})  # model expert name -> the weights its handle serves
         self.local, self.deployment, self.retries = local, deployment, retries
         self.home = home  # the registry data dir, for late ExpertServers to watch
+        self.registered = registered
         self.retried: Counter[str] = Counter()  # per model: requests retried after a replica died
         self._replicas: dict[str, tuple[str, dict[str, float]]] = {}  # id -> (model, counters)
-        self._deploying: dict[str, asyncio.Task[DeploymentHandle]] = {}
+        self._deploying: dict[tuple[str, str], asyncio.Task[DeploymentHandle]] = {}
         self._late: set[str] = set()  # models whose own application this gateway started
+        # starting an application blocks a thread for as long as Serve takes: not the loop's
+        # default executor, which the query encoder's batches share
+        self._deployer = ThreadPoolExecutor(2, thread_name_prefix="concilium-deploy")
 
     def model(self, path: Any) -> Any:  # the registration-time latency profiler loads here
         return self.local.model(path)
@@ -68,25 +105,42 @@ class RayBackend:
         path, name = target.model_path, target.model or target.expert
         if target.remote is not None or path is None:
             return None
-        if name not in self.handles:
-            from concilium.deployments.topology import deploy_expert_app
+        handle = self.handles.get(name)
+        if handle is None or self.paths.get(name, path) != path:
+            handle = await self._late_handle(target, name, path)
+        return handle.options(multiplexed_model_id=target.adapter or "")
 
-            task = self._deploying.get(name)
-            if task is None:
-                task = asyncio.ensure_future(
-                    asyncio.to_thread(deploy_expert_app, name, path, self.deployment, self.home)
-                )
-                self._deploying[name] = task
-            try:
-                self.handles[name] = await asyncio.shield(task)
-            except Exception as e:  # forget the failed start: the next request tries again
-                if self._deploying.get(name) is task:
-                    del self._deploying[name]
+    async def _late_handle(self, target: Target, name: str, path: str) -> DeploymentHandle:
+        """Start (or find) the application of model `name` with weights `path`."""
+        from concilium.deployments.topology import deploy_expert_app
+
+        if self.registered is not None:  # a request routed before a DELETE must not restart it
+            now = await asyncio.to_thread(self.registered, name)
+            if now != path:
                 raise ExpertUnavailable(
-                    f"expert {target.expert!r}: its ExpertServer did not start ({e})"
-                ) from e
-            self._late.add(name)
-        return self.handles[name].options(multiplexed_model_id=target.adapter or "")
+                    f"expert {target.expert!r}: model {name!r} is no longer registered with "
+                    f"weights {path}"
+                )
+        task = self._deploying.get((name, path))
+        if task is None:
+            loop = asyncio.get_running_loop()
+            task = asyncio.ensure_future(
+                loop.run_in_executor(
+                    self._deployer, deploy_expert_app, name, path, self.deployment, self.home
+                )
+            )
+            self._deploying[(name, path)] = task
+        try:
+            handle = await asyncio.shield(task)
+        except Exception as e:  # forget the failed start: the next request tries again
+            if self._deploying.get((name, path)) is task:
+                del self._deploying[(name, path)]
+            raise ExpertUnavailable(
+                f"expert {target.expert!r}: its ExpertServer did not start ({e})"
+            ) from e
+        self.handles[name], self.paths[name] = handle, path
+        self._late.add(name)
+        return handle
 
     def _gone(self, target: Target, e: DeploymentUnavailableError) -> ExpertUnavailable:
         """The application behind a cached handle was deleted: forget the handle, so that the
@@ -94,7 +148,9 @@ class RayBackend:
         name = target.model or target.expert
         if name in self._late:
             self.handles.pop(name, None)
-            self._deploying.pop(name, None)
+            self.paths.pop(name, None)
+            for key in [k for k in self._deploying if k[0] == name]:
+                del self._deploying[key]
             self._late.discard(name)
         return ExpertUnavailable(f"expert {target.expert!r}: its deployment is gone ({e})")
 
@@ -125,7 +181,7 @@ class RayBackend:
                 self.retried[target.model or target.expert] += 1
                 log.warning("replica of %s died mid-request; retrying once", target.expert)
             except RayTaskError as e:
-                raise unwrap_ray_error(e) from None
+                raise _failed(target, e) from None
         raise AssertionError("unreachable")
 
     async def chat_stream(
@@ -150,7 +206,7 @@ class RayBackend:
         except RayActorError as e:
             raise ExpertUnavailable(f"expert {target.expert!r}: replica died mid-stream") from e
         except RayTaskError as e:
-            raise unwrap_ray_error(e) from None
+            raise _failed(target, e) from None
         finally:
             stream.cancel()  # a no-op when finished; cancels the decode when the client left
 
@@ -176,6 +232,7 @@ class RayBackend:
         return {m: {k: float(v) for k, v in c.items()} for m, c in out.items()}
 
     async def aclose(self) -> None:
+        self._deployer.shutdown(wait=False, cancel_futures=True)
         await self.local.aclose()
 
 
@@ -189,6 +246,7 @@ class Gateway:
         config: dict[str, Any],
         experts: dict[str, DeploymentHandle],
         registry: DeploymentHandle | None = None,
+        paths: dict[str, str] | None = None,
     ) -> None:
         from concilium.deployments.registry_service import RayRegistrar
         from concilium.orchestrator.service import build_service
@@ -199,12 +257,24 @@ class Gateway:
             max_adapters=cfg.max_adapters,
             batch_window_ms=cfg.batch_window_ms,
         )
-        self.backend = RayBackend(experts, local, cfg.deployment, home=str(cfg.home))
+        self.backend = RayBackend(experts, local, cfg.deployment, home=str(cfg.home), paths=paths)
         # writes go to the RegistryService, which alone trains gates; this replica only reads
         registrar = RayRegistrar(registry) if registry is not None else None
         if registrar is not None:
             cfg = cfg.model_copy(update={"train_gates": False})
         self.service = build_service(cfg, backend=self.backend, seed=False, registrar=registrar)
+        self.backend.registered = partial(model_path_of, self.service.registry)
+
+    def __del__(self) -> None:
+        """Serve calls this when the replica stops (and the interpreter may call it again):
+        write the outcomes still queued, so feedback on those requests still finds them."""
+        service: Service | None = getattr(self, "service", None)  # None: __init__ failed
+        outcomes = None if service is None else service.orchestrator.outcomes
+        if outcomes is not None:
+            outcomes.close()  # idempotent; waits at most a few seconds
+        backend = getattr(self, "backend", None)
+        if backend is not None:
+            backend._deployer.shutdown(wait=False, cancel_futures=True)
 
     def __serve_build_asgi_app__(self) -> Any:
         from concilium.orchestrator.http import create_app

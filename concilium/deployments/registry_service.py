@@ -13,19 +13,40 @@ shared SQLite store directly, so a write is visible everywhere as soon as the ve
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+from pathlib import Path
 from typing import Any
 
 from ray import serve
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from concilium.config import ServiceConfig
 from concilium.deployments.gateway import unwrap_ray_error
-from concilium.deployments.topology import delete_expert_app
-from concilium.registry.store import ExpertRecord
+from concilium.deployments.topology import delete_expert_app, expert_apps
+from concilium.errors import RegistryUnavailable
+from concilium.registry.store import AnySpec, ExpertRecord
 
 log = logging.getLogger(__name__)
+# longer than a gateway's catalogue refresh (ServiceConfig.refresh_s, 0.2 s by default)
+DELETE_GRACE_S = 1.0
+
+
+def profile_once(spec: AnySpec, runtime_dir: Path | None) -> dict[str, float]:
+    """A new local model's latency, measured on a copy loaded for that alone and dropped after
+    (this replica serves no model: keeping it would hold every model ever registered)."""
+    from concilium.experts.local import LocalCausalLM
+
+    if runtime_dir is None:
+        return {}
+    lm = LocalCausalLM(runtime_dir, max_adapters=1)
+    try:
+        return dict(lm.measure_latency())
+    finally:
+        del lm
+        gc.collect()
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=16)
@@ -33,12 +54,10 @@ class RegistryService:
     """Owns registry writes and gate training; one replica per application."""
 
     def __init__(self, config: dict[str, Any]) -> None:
-        from concilium.experts.pool import ExpertPool
-        from concilium.orchestrator.service import open_registry, pool_profiler
+        from concilium.orchestrator.service import open_registry
 
         cfg = ServiceConfig.model_validate(config)
-        self._pool = ExpertPool(max_adapters=1)  # only to measure a new local model's latency
-        self.registry = open_registry(cfg, profiler=pool_profiler(self._pool))
+        self.registry = open_registry(cfg, profiler=profile_once)
         pending = self.registry.train_pending_gates()
         if pending:
             log.info("resuming PHATGOOSE gates of %s", pending)
@@ -48,7 +67,12 @@ class RegistryService:
 
     async def remove(self, name: str) -> int:
         version = await asyncio.to_thread(self.registry.remove, name)
-        await asyncio.to_thread(delete_expert_app, name)
+        if await asyncio.to_thread(expert_apps, name):
+            # gateways route to the expert until they see the new version (their catalogue
+            # refresh): a request sent to an application being deleted waits for replicas
+            # that never come, so let those requests reach it before it starts draining
+            await asyncio.sleep(DELETE_GRACE_S)
+            await asyncio.to_thread(delete_expert_app, name)
         return version
 
     def version(self) -> int:
@@ -81,3 +105,8 @@ class RayRegistrar:
             return await getattr(self.handle, method).remote(*args)
         except RayTaskError as e:
             raise unwrap_ray_error(e) from None
+        except (RayActorError, DeploymentUnavailableError) as e:  # restarting, or gone
+            raise RegistryUnavailable(
+                f"the registry service is not reachable ({type(e).__name__}); retry shortly",
+                retry_after_s=1.0,
+            ) from None

@@ -1,9 +1,10 @@
 """Which Serve deployment runs which expert, and with what options.
 
 The base models known when the app is built get an ExpertServer inside the main application; a
-`model` expert registered later gets its own application (``expert-<name>``), started from the
-gateway on its first request without touching any other deployment, and is deleted with the
-expert (the base models of the main application run until it is redeployed).
+`model` expert registered later (or a base re-registered with other weights) gets its own
+application, one per name and weights directory (``expert-<name>-<digest>-<digest>``), started
+from the gateway on its first request without touching any other deployment, and is deleted with
+the expert (the base models of the main application run until it is redeployed).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from ray.serve.schema import ApplicationStatus
 
 from concilium.config import DeploymentConfig, ExpertScalingConfig, ScalingConfig
 from concilium.deployments.expert_server import ExpertServer
@@ -44,30 +46,49 @@ def expert_deployment(
     ).bind(model_path, s.max_adapters, s.max_batch, s.batch_wait_ms, home, s.moe.model_dump())
 
 
-def app_name_for(name: str) -> str:
-    """Serve application of a model expert registered after start-up."""
+def _app_prefix(name: str) -> str:
     digest = hashlib.sha1(name.encode()).hexdigest()[:8]
-    return f"expert-{name[:40]}-{digest}"
+    return f"expert-{name[:40]}-{digest}-"
+
+
+def app_name_for(name: str, model_path: str) -> str:
+    """Serve application of a model expert registered after start-up: one per (name, weights
+    directory), so an application started for weights that were since re-registered elsewhere is
+    never reused for the new ones."""
+    return _app_prefix(name) + hashlib.sha1(model_path.encode()).hexdigest()[:8]
 
 
 def deploy_expert_app(
     name: str, model_path: str, dep: DeploymentConfig, home: str | None = None
 ) -> DeploymentHandle:
-    """Start (or find) the application of a late-registered model expert; blocks until ready."""
-    app = app_name_for(name)
+    """Start (or find) the application of a late-registered model expert; blocks until ready.
+    An application whose last start failed is deleted and started again (Serve keeps it listed
+    as DEPLOY_FAILED and adds no replicas to it by itself)."""
+    app = app_name_for(name, model_path)
     # ask the controller: get_deployment_handle caches handles, also those of deleted apps
-    if app not in serve.status().applications:
+    status = serve.status().applications.get(app)
+    if status is not None and status.status == ApplicationStatus.DEPLOY_FAILED:
+        log.warning("ExpertServer application %s failed to start before; starting it again", app)
+        serve.delete(app, _blocking=True)
+        status = None
+    if status is None:
         log.info("starting ExpertServer application %s for %s", app, model_path)
         serve.run(expert_deployment(name, model_path, dep, home), name=app, route_prefix=None)
     return serve.get_deployment_handle(f"expert-{name}", app_name=app)
 
 
+def expert_apps(name: str) -> list[str]:
+    """The Serve applications of late-registered model expert `name` (normally at most one)."""
+    prefix = _app_prefix(name)
+    return sorted(a for a in serve.status().applications if a.startswith(prefix))
+
+
 def delete_expert_app(name: str) -> bool:
-    """Delete the application of a late-registered model expert, if it runs; blocks while Serve
-    drains its in-flight requests (up to the deployment's graceful_shutdown_timeout_s)."""
-    app = app_name_for(name)
-    if app not in serve.status().applications:
-        return False
-    log.info("deleting ExpertServer application %s of removed expert %s", app, name)
-    serve.delete(app, _blocking=True)
-    return True
+    """Delete every application of a late-registered model expert (any weights directory) that
+    runs; blocks while Serve drains their in-flight requests (up to the deployment's
+    graceful_shutdown_timeout_s). True when one was deleted."""
+    apps = expert_apps(name)
+    for app in apps:
+        log.info("deleting ExpertServer application %s of removed expert %s", app, name)
+        serve.delete(app, _blocking=True)
+    return bool(apps)

@@ -42,6 +42,7 @@ STATUS: list[tuple[type[E.ConciliumError], int]] = [
     (E.ExpertUnavailable, 503),
     (E.ExpertFailed, 502),
     (E.ConfigError, 500),
+    (E.RegistryUnavailable, 503),
     (E.RegistryError, 500),
 ]
 

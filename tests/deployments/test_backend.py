@@ -65,3 +65,212 @@ def test_a_late_model_whose_server_failed_to_start_is_started_again_next_time(
 
     assert asyncio.run(twice()).text == "ok"
     assert starts == ["late", "late"]  # a failed start is not cached
+
+
+class _Failing:
+    """A call that fails with `error` when awaited, as a Serve response does."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def __await__(self) -> Any:
+        async def fail() -> Generation:
+            raise self.error
+
+        return fail().__await__()
+
+    def cancel(self) -> None:
+        pass
+
+
+class _Raising(_Handle):
+    """A handle whose calls fail with `error`."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__()
+        self.error = error
+
+    def remote(self, *_: Any) -> Any:
+        return _Failing(self.error)
+
+
+def _deploys(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    starts: list[tuple[str, str]] = []
+
+    def deploy(name: str, path: str, *_: Any) -> _Handle:
+        starts.append((name, path))
+        return _Handle()
+
+    monkeypatch.setattr(topology, "deploy_expert_app", deploy)
+    return starts
+
+
+def _chat(backend: gateway.RayBackend, target: Target) -> Generation:
+    return asyncio.run(backend.chat(target, [{"role": "user", "content": "hi"}], GenParams()))
+
+
+def test_a_model_no_longer_registered_is_never_deployed_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    starts = _deploys(monkeypatch)
+    registered: dict[str, str] = {"moved": "/models/new"}
+    backend = gateway.RayBackend({}, ExpertPool(), DeploymentConfig(), registered=registered.get)
+    gone = Target(expert="gone", kind="model", model="gone", model_path="/models/gone")
+    with pytest.raises(ExpertUnavailable, match="no longer registered"):
+        _chat(backend, gone)  # routed before its DELETE, dispatched after
+    moved = Target(expert="moved", kind="model", model="moved", model_path="/models/old")
+    with pytest.raises(ExpertUnavailable, match="no longer registered"):
+        _chat(backend, moved)  # re-registered with other weights meanwhile
+    assert starts == []
+    now = Target(expert="moved", kind="model", model="moved", model_path="/models/new")
+    assert _chat(backend, now).text == "ok"
+    assert starts == [("moved", "/models/new")]
+
+
+def test_a_base_re_registered_with_other_weights_gets_its_own_application(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    starts = _deploys(monkeypatch)
+    stale = _Raising(AssertionError("the main application serves the old weights"))
+    backend = gateway.RayBackend(
+        {"base": stale}, ExpertPool(), DeploymentConfig(), paths={"base": "/models/v1"}
+    )
+    target = Target(expert="base", kind="model", model="base", model_path="/models/v2")
+    assert _chat(backend, target).text == "ok"
+    assert starts == [("base", "/models/v2")]
+    assert _chat(backend, target).text == "ok"  # the new handle is kept
+    assert starts == [("base", "/models/v2")]
+
+
+def test_an_unexpected_replica_error_is_an_expert_failure_not_a_500() -> None:
+    from ray.exceptions import RayTaskError
+
+    from concilium.errors import ExpertFailed
+    from concilium.orchestrator.http import status_of
+
+    crash = RayTaskError("chat", "Traceback ...", RuntimeError("CUDA out of memory"))
+    backend = gateway.RayBackend({"m": _Raising(crash)}, ExpertPool(), DeploymentConfig())
+    target = Target(expert="m", kind="model", model="m", model_path="/models/m")
+    with pytest.raises(ExpertFailed, match="RuntimeError: CUDA out of memory") as info:
+        _chat(backend, target)
+    assert status_of(info.value) == 502  # and the pipeline falls back to the next candidate
+    mapped = RayTaskError("chat", "Traceback ...", ExpertUnavailable("busy"))
+    backend = gateway.RayBackend({"m": _Raising(mapped)}, ExpertPool(), DeploymentConfig())
+    with pytest.raises(ExpertUnavailable, match="busy"):
+        _chat(backend, target)
+
+
+class _Serve:
+    """The part of `ray.serve` the late-application helpers use, over a dict of app statuses."""
+
+    def __init__(self, apps: dict[str, str]) -> None:
+        self.apps = dict(apps)
+        self.calls: list[tuple[str, str]] = []
+
+    def status(self) -> Any:
+        from types import SimpleNamespace
+
+        from ray.serve.schema import ApplicationStatus
+
+        return SimpleNamespace(
+            applications={
+                a: SimpleNamespace(status=ApplicationStatus(s)) for a, s in self.apps.items()
+            }
+        )
+
+    def delete(self, app: str, _blocking: bool = True) -> None:
+        self.calls.append(("delete", app))
+        del self.apps[app]
+
+    def run(self, _app: Any, name: str, route_prefix: Any = None) -> None:
+        self.calls.append(("run", name))
+        self.apps[name] = "RUNNING"
+
+    def get_deployment_handle(self, deployment: str, app_name: str) -> tuple[str, str]:
+        return deployment, app_name
+
+
+def test_an_application_that_failed_to_start_is_deleted_and_started_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    app = topology.app_name_for("late", "/models/late")
+    fake = _Serve({app: "DEPLOY_FAILED"})
+    monkeypatch.setattr(topology, "serve", fake)
+    monkeypatch.setattr(topology, "expert_deployment", lambda *_: object())
+    handle = topology.deploy_expert_app("late", "/models/late", DeploymentConfig())
+    assert fake.calls == [("delete", app), ("run", app)]
+    assert handle == ("expert-late", app)  # type: ignore[comparison-overlap]
+    topology.deploy_expert_app("late", "/models/late", DeploymentConfig())
+    assert fake.calls == [("delete", app), ("run", app)]  # a running one is reused
+
+
+def test_applications_are_per_weights_and_deleted_together(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    a1 = topology.app_name_for("late", "/models/v1")
+    a2 = topology.app_name_for("late", "/models/v2")
+    other = topology.app_name_for("late-2", "/models/v1")
+    assert len({a1, a2, other}) == 3
+    fake = _Serve({a1: "RUNNING", a2: "RUNNING", other: "RUNNING", "concilium": "RUNNING"})
+    monkeypatch.setattr(topology, "serve", fake)
+    assert topology.expert_apps("late") == sorted([a1, a2])
+    assert topology.delete_expert_app("late")
+    assert set(fake.apps) == {other, "concilium"}
+    assert not topology.delete_expert_app("late")
+
+
+def test_an_unreachable_registry_service_is_a_503_to_retry() -> None:
+    from ray.exceptions import RayActorError
+
+    from concilium.deployments.registry_service import RayRegistrar
+    from concilium.errors import RegistryUnavailable
+    from concilium.orchestrator.http import status_of
+
+    class Dead:
+        def __getattr__(self, _: str) -> Any:
+            return _Raising(RayActorError())
+
+    with pytest.raises(RegistryUnavailable, match="not reachable") as info:
+        asyncio.run(RayRegistrar(Dead()).remove("x"))  # type: ignore[arg-type]
+    assert status_of(info.value) == 503 and info.value.retry_after_s == 1.0
+
+
+def test_an_evicted_adapter_is_retired_once_on_the_replica_loop() -> None:
+    import threading
+
+    from concilium.deployments.expert_server import _Resident
+
+    class Server:
+        def __init__(self) -> None:
+            self.evicted: list[tuple[str, bool]] = []
+
+        def _evicted(self, name: str) -> None:
+            self.evicted.append((name, threading.current_thread() is threading.main_thread()))
+
+    async def main() -> Server:
+        server = Server()
+        resident = _Resident(server, "a")  # type: ignore[arg-type]
+        # what Serve's LRU does: __del__ in a worker thread, then an instance attribute
+        await asyncio.get_running_loop().run_in_executor(None, resident.__del__)
+        resident.__del__ = lambda _: None  # type: ignore[method-assign]
+        del resident  # the interpreter's own __del__ call
+        await asyncio.sleep(0.01)
+        return server
+
+    assert asyncio.run(main()).evicted == [("a", True)]
+
+
+def test_a_stopping_gateway_writes_its_queued_outcomes() -> None:
+    from types import SimpleNamespace
+
+    cls = gateway.Gateway.func_or_class  # Serve's ingress wrapper awaits our __del__ in its own
+    half = object.__new__(cls)
+    asyncio.run(half.__del__())  # __init__ failed before setting anything: nothing to do
+    closed: list[bool] = []
+    replica = object.__new__(cls)
+    replica.service = SimpleNamespace(
+        orchestrator=SimpleNamespace(outcomes=SimpleNamespace(close=lambda: closed.append(True)))
+    )
+    replica.backend = gateway.RayBackend({}, ExpertPool(), DeploymentConfig())
+    asyncio.run(replica.__del__())
+    assert closed == [True]

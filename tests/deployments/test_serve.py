@@ -102,6 +102,14 @@ def chat(url: str, content: str, timeout: float = 120, **body: Any) -> httpx.Res
     return httpx.post(f"{url}/v1/chat/completions", json=payload, timeout=timeout)
 
 
+def late_app(name: str) -> str:
+    """The one Serve application started for late-registered model expert `name`."""
+    from concilium.deployments.topology import expert_apps
+
+    (app,) = expert_apps(name)
+    return app
+
+
 def replicas(app: str, deployment: str) -> int:
     from ray import serve
 
@@ -196,14 +204,13 @@ def test_registration_reaches_every_gateway_replica_within_1s(
 
 
 def test_late_model_expert_gets_its_own_deployment(gateway: str, pack_dir: Path) -> None:
-    from concilium.deployments.topology import app_name_for
 
     spec = {"kind": "model", "name": LATE, "path": str(pack_dir / "base"), "examples": ["hi"]}
     r = httpx.post(f"{gateway}/v1/experts", json=spec, timeout=120, headers=ADMIN)
     assert r.status_code == 201, r.text
     r = chat(gateway, "hello", model=LATE, max_tokens=4)
     assert r.status_code == 200, r.text
-    assert replicas(app_name_for(LATE), f"expert-{LATE}") == 1
+    assert replicas(late_app(LATE), f"expert-{LATE}") == 1
     assert replicas("concilium", "expert-demo-moe") >= 1  # untouched
     # its YAML tiers it: same answer as the fully resident base, the tier's counters in info()
     full = chat(gateway, "hello", model="demo-moe", max_tokens=4)
@@ -211,7 +218,7 @@ def test_late_model_expert_gets_its_own_deployment(gateway: str, pack_dir: Path)
         full.json()["choices"][0]["message"]["content"]
         == r.json()["choices"][0]["message"]["content"]
     )
-    (info,) = expert_infos(app_name_for(LATE), f"expert-{LATE}", samples=1).values()
+    (info,) = expert_infos(late_app(LATE), f"expert-{LATE}", samples=1).values()
     assert info["moe"]["moe_layers"] == 4 and info["moe"]["tier_bytes_moved"] > 0
     assert info["stats"]["tier_misses"] == info["moe"]["tier_misses"] > 0
 
@@ -242,9 +249,8 @@ def test_backpressure_answers_503_quickly(gateway: str) -> None:
 
 
 def test_deadline_cancels_downstream(gateway: str) -> None:
-    from concilium.deployments.topology import app_name_for
 
-    app, dep = app_name_for(LATE), f"expert-{LATE}"
+    app, dep = late_app(LATE), f"expert-{LATE}"
     before = next(iter(expert_infos(app, dep, 1).values()))["stats"].get("cancelled", 0)
     r = chat(
         gateway, "hi", model=LATE, max_tokens=2000, min_tokens=2000, routing={"deadline_ms": 300}
@@ -341,8 +347,6 @@ def test_burst_scales_one_expert_and_a_killed_replica_loses_nothing(
 ) -> None:
     import ray
 
-    from concilium.deployments.topology import app_name_for
-
     skills = [e["name"] for e in manifest["experts"] if e["default"]]
     queries = [pilot_query(manifest, skills[i % len(skills)]) for i in range(200)]
 
@@ -375,7 +379,7 @@ def test_burst_scales_one_expert_and_a_killed_replica_loses_nothing(
     scaled: list[int] = []
     codes = asyncio.run(run())
     assert scaled == [2]  # the burst scaled demo-moe up
-    assert replicas(app_name_for(LATE), f"expert-{LATE}") == 1  # the other expert left alone
+    assert replicas(late_app(LATE), f"expert-{LATE}") == 1  # the other expert left alone
     assert codes.count(200) == 200, {c: codes.count(c) for c in set(codes)}
 
 
@@ -407,14 +411,13 @@ def test_delete_drains_in_flight_requests_then_unloads(
 
 
 def test_a_cold_expert_scales_to_zero_and_back(gateway: str, pack_dir: Path) -> None:
-    from concilium.deployments.topology import app_name_for
 
     name = "demo-moe-cold"  # deployment.experts sets min_replicas 0 for it
     spec = {"kind": "model", "name": name, "path": str(pack_dir / "base"), "examples": ["hey"]}
     r = httpx.post(f"{gateway}/v1/experts", json=spec, timeout=120, headers=ADMIN)
     assert r.status_code == 201, r.text
     assert chat(gateway, "hello", model=name, max_tokens=2).status_code == 200
-    app, dep = app_name_for(name), f"expert-{name}"
+    app, dep = late_app(name), f"expert-{name}"
     deadline = time.perf_counter() + 30
     while replicas(app, dep) > 0 and time.perf_counter() < deadline:
         time.sleep(0.5)
@@ -429,10 +432,9 @@ def test_deleting_a_late_model_expert_drains_then_deletes_its_application(
 ) -> None:
     from ray import serve
 
-    from concilium.deployments.topology import app_name_for
+    from concilium.deployments.topology import expert_apps
 
-    app = app_name_for(LATE)
-    assert app in serve.status().applications  # registered and started by an earlier test
+    (app,) = expert_apps(LATE)  # registered and started by an earlier test
 
     def slow() -> tuple[httpx.Response, float]:
         r = chat(gateway, "hi", model=LATE, max_tokens=400, min_tokens=400)

@@ -1,9 +1,10 @@
 """CoE (Composition of Experts) routing: query → category → expert, generalist on low confidence.
 
 Step one classifies the query into a category by similarity to each category's pilots (the pilots
-of the experts that list the category, plus any configured category examples). Step two maps the
-category to an expert through a category→expert table (configured, or the best-matching expert of
-that category). When the category probability is below `threshold`, a configured generalist answers.
+of the experts that list the category, pooled; the mean similarity is the category's score). Step
+two maps the category to an expert through a category→expert table (configured, or the
+best-matching expert of that category). When the category probability is below `threshold`, a
+configured generalist answers.
 """
 
 from __future__ import annotations
