@@ -64,10 +64,17 @@ def test_hull_aiq_and_apgr_on_hand_examples() -> None:
     assert best_at(pts, 0.5) == 0.0 and best_at(pts, 2.0) == pytest.approx(0.55)
     assert best_at(pts, 10.0) == 0.9
     assert aiq([(0.0, 0.5)], 0.0, 1.0) == pytest.approx(0.5)
-    assert aiq([(0.0, 0.0), (1.0, 1.0)], 0.0, 1.0) == pytest.approx(0.5, abs=1e-3)
+    assert aiq([(0.0, 0.0), (1.0, 1.0)], 0.0, 1.0) == pytest.approx(0.5, abs=1e-12)
+    # exact integrals: 0 below the cheapest point, trapezoids along the hull, flat after it
+    assert aiq([(0.5, 1.0)], 0.0, 1.0) == pytest.approx(0.5, abs=1e-12)
+    assert aiq([(1.0, 1.0)], 0.0, 1.0) == pytest.approx(0.0, abs=1e-12)
+    two = [(0.2, 0.4), (0.6, 0.8)]
+    assert aiq(two, 0.0, 1.0) == pytest.approx(0.4 * 0.6 + 0.4 * 0.8, abs=1e-12)
+    assert aiq(two, 0.3, 0.5) == pytest.approx(0.6, abs=1e-12)
     # a router that reaches the strong model's quality at the weak model's cost recovers it all
     assert apgr([(0.0, 1.0)], (0.0, 0.0), (1.0, 1.0)) == pytest.approx(1.0)
-    assert apgr([(0.0, 0.0), (1.0, 1.0)], (0.0, 0.0), (1.0, 1.0)) == pytest.approx(0.5, abs=1e-3)
+    assert apgr([(0.0, 0.0), (1.0, 1.0)], (0.0, 0.0), (1.0, 1.0)) == pytest.approx(0.5, abs=1e-12)
+    assert apgr(two, (0.2, 0.4), (0.6, 0.8)) == pytest.approx(0.5, abs=1e-12)
 
 
 def test_replay_beats_baselines_on_a_synthetic_catalogue(tmp_path: Path) -> None:

@@ -17,8 +17,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-import numpy as np
-
 Point = tuple[float, float]  # (cost, quality)
 
 
@@ -52,19 +50,32 @@ def best_at(points: Sequence[Point], cost: float) -> float:
     return h[-1][1]
 
 
-def aiq(points: Sequence[Point], lo: float, hi: float, n: int = 2001) -> float:
-    """Average of Q(c) over [lo, hi]."""
+def aiq(points: Sequence[Point], lo: float, hi: float) -> float:
+    """Average of Q(c) over [lo, hi], integrated exactly (Q is piecewise linear)."""
     if hi <= lo:
         return best_at(points, hi)
-    grid = np.linspace(lo, hi, n)
-    return float(np.mean([best_at(points, c) for c in grid]))
+    return integral(points, lo, hi) / (hi - lo)
 
 
-def apgr(points: Sequence[Point], weak: Point, strong: Point, n: int = 2001) -> float:
+def integral(points: Sequence[Point], lo: float, hi: float) -> float:
+    """∫ Q(c) dc over [lo, hi]: 0 below the cheapest point, the hull's segments (trapezoids),
+    flat past the last vertex."""
+    h = hull(points)
+    if not h or hi <= lo:
+        return 0.0
+    knots = sorted({lo, hi, *(c for c, _ in h if lo < c < hi)})
+    total = 0.0
+    for a, b in itertools.pairwise(knots):
+        if b <= h[0][0]:
+            continue  # below the cheapest point Q is 0 (at the point itself a single value)
+        total += (b - a) * (best_at(points, a if a >= h[0][0] else b) + best_at(points, b)) / 2
+    return total
+
+
+def apgr(points: Sequence[Point], weak: Point, strong: Point) -> float:
     """Average share of the weak→strong quality gap recovered over the weak..strong cost range."""
     gap = strong[1] - weak[1]
     if gap <= 0:
         return float("nan")
     lo, hi = sorted((weak[0], strong[0]))
-    grid = np.linspace(lo, hi, n) if hi > lo else np.array([hi])
-    return float(np.mean([(best_at(points, c) - weak[1]) / gap for c in grid]))
+    return (aiq(points, lo, hi) - weak[1]) / gap
