@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from functools import partial
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from concilium.orchestrator.service import Service
 
 log = logging.getLogger(__name__)
+Deploy = Callable[[str, str], Awaitable[DeploymentHandle]]  # (model, weights dir) -> its handle
 
 
 def unwrap_ray_error(e: BaseException) -> BaseException:
@@ -84,12 +85,14 @@ class RayBackend:
         home: str | None = None,
         paths: dict[str, str] | None = None,
         registered: Callable[[str], str | None] | None = None,
+        deploy: Deploy | None = None,
     ) -> None:
         self.handles = dict(handles)  # model expert name -> ExpertServer handle
         self.paths = dict(paths or {})  # model expert name -> the weights its handle serves
         self.local, self.deployment, self.retries = local, deployment, retries
         self.home = home  # the registry data dir, for late ExpertServers to watch
         self.registered = registered
+        self.deploy = deploy
         self.retried: Counter[str] = Counter()  # per model: requests retried after a replica died
         self._replicas: dict[str, tuple[str, dict[str, float]]] = {}  # id -> (model, counters)
         self._deploying: dict[tuple[str, str], asyncio.Task[DeploymentHandle]] = {}
@@ -110,10 +113,18 @@ class RayBackend:
             handle = await self._late_handle(target, name, path)
         return handle.options(multiplexed_model_id=target.adapter or "")
 
-    async def _late_handle(self, target: Target, name: str, path: str) -> DeploymentHandle:
-        """Start (or find) the application of model `name` with weights `path`."""
+    async def _deploy_here(self, name: str, path: str) -> DeploymentHandle:
         from concilium.deployments.topology import deploy_expert_app
 
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._deployer, deploy_expert_app, name, path, self.deployment, self.home
+        )
+
+    async def _late_handle(self, target: Target, name: str, path: str) -> DeploymentHandle:
+        """Start (or find) the application of model `name` with weights `path`: through
+        `deploy` when set (the RegistryService, which serialises starts and deletes across
+        gateway replicas), else from this process."""
         if self.registered is not None:  # a request routed before a DELETE must not restart it
             now = await asyncio.to_thread(self.registered, name)
             if now != path:
@@ -123,12 +134,7 @@ class RayBackend:
                 )
         task = self._deploying.get((name, path))
         if task is None:
-            loop = asyncio.get_running_loop()
-            task = asyncio.ensure_future(
-                loop.run_in_executor(
-                    self._deployer, deploy_expert_app, name, path, self.deployment, self.home
-                )
-            )
+            task = asyncio.ensure_future((self.deploy or self._deploy_here)(name, path))
             self._deploying[(name, path)] = task
         try:
             handle = await asyncio.shield(task)
@@ -262,6 +268,7 @@ class Gateway:
         registrar = RayRegistrar(registry) if registry is not None else None
         if registrar is not None:
             cfg = cfg.model_copy(update={"train_gates": False})
+            self.backend.deploy = registrar.deploy
         self.service = build_service(cfg, backend=self.backend, seed=False, registrar=registrar)
         self.backend.registered = partial(model_path_of, self.service.registry)
 

@@ -24,9 +24,14 @@ from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from concilium.config import ServiceConfig
-from concilium.deployments.gateway import unwrap_ray_error
-from concilium.deployments.topology import delete_expert_app, expert_apps
-from concilium.errors import RegistryUnavailable
+from concilium.deployments.gateway import model_path_of, unwrap_ray_error
+from concilium.deployments.topology import (
+    app_name_for,
+    delete_expert_app,
+    deploy_expert_app,
+    expert_apps,
+)
+from concilium.errors import ExpertUnavailable, RegistryUnavailable
 from concilium.registry.store import AnySpec, ExpertRecord
 
 log = logging.getLogger(__name__)
@@ -58,6 +63,8 @@ class RegistryService:
 
         cfg = ServiceConfig.model_validate(config)
         self.registry = open_registry(cfg, profiler=profile_once)
+        self._deployment, self._home = cfg.deployment, str(cfg.home)
+        self._app_locks: dict[str, asyncio.Lock] = {}  # per model: its start and its delete
         pending = self.registry.train_pending_gates()
         if pending:
             log.info("resuming PHATGOOSE gates of %s", pending)
@@ -65,7 +72,25 @@ class RegistryService:
     async def register(self, data: Any) -> ExpertRecord:
         return await asyncio.to_thread(self.registry.register, data)
 
+    async def ensure_app(self, name: str, path: str) -> None:
+        """Start (or find) the application of late model `name` with weights `path`, once for
+        every gateway replica, and only while it is registered with those weights (a start and
+        a DELETE of one model never interleave)."""
+        async with self._app_lock(name):
+            if await asyncio.to_thread(model_path_of, self.registry, name) != path:
+                raise ExpertUnavailable(
+                    f"model {name!r} is no longer registered with weights {path}"
+                )
+            await asyncio.to_thread(deploy_expert_app, name, path, self._deployment, self._home)
+
+    def _app_lock(self, name: str) -> asyncio.Lock:
+        return self._app_locks.setdefault(name, asyncio.Lock())
+
     async def remove(self, name: str) -> int:
+        async with self._app_lock(name):
+            return await self._remove(name)
+
+    async def _remove(self, name: str) -> int:
         version = await asyncio.to_thread(self.registry.remove, name)
         if await asyncio.to_thread(expert_apps, name):
             # gateways route to the expert until they see the new version (their catalogue
@@ -99,6 +124,11 @@ class RayRegistrar:
     async def remove(self, name: str) -> int:
         version: int = await self._call("remove", name)
         return version
+
+    async def deploy(self, name: str, path: str) -> DeploymentHandle:
+        """The handle of late model `name`'s application, started by the RegistryService."""
+        await self._call("ensure_app", name, path)
+        return serve.get_deployment_handle(f"expert-{name}", app_name=app_name_for(name, path))
 
     async def _call(self, method: str, *args: Any) -> Any:
         try:

@@ -274,3 +274,45 @@ def test_a_stopping_gateway_writes_its_queued_outcomes() -> None:
     replica.backend = gateway.RayBackend({}, ExpertPool(), DeploymentConfig())
     asyncio.run(replica.__del__())
     assert closed == [True]
+
+
+def test_the_registry_service_serialises_a_late_start_with_its_delete(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from types import SimpleNamespace
+
+    from concilium.deployments import registry_service as rs
+    from concilium.errors import ExpertNotFound
+
+    rows = {"m": "/models/m"}
+    events: list[str] = []
+
+    def get(name: str) -> Any:
+        if name not in rows:
+            raise ExpertNotFound(name)
+        return SimpleNamespace(spec=SimpleNamespace(kind="model", path=rows[name]))
+
+    def remove(name: str) -> int:
+        events.append("remove")
+        del rows[name]
+        return 2
+
+    monkeypatch.setattr(rs, "DELETE_GRACE_S", 0.05)
+    monkeypatch.setattr(rs, "expert_apps", lambda name: ["app"])
+    monkeypatch.setattr(rs, "delete_expert_app", lambda name: events.append("delete"))
+    monkeypatch.setattr(rs, "deploy_expert_app", lambda *a: events.append("deploy"))
+    svc = object.__new__(rs.RegistryService.func_or_class)
+    svc.registry = SimpleNamespace(get=get, remove=remove)
+    svc._deployment, svc._home, svc._app_locks = DeploymentConfig(), None, {}
+
+    async def main() -> list[Any]:
+        return await asyncio.gather(
+            svc.remove("m"), svc.ensure_app("m", "/models/m"), return_exceptions=True
+        )
+
+    version, start = asyncio.run(main())
+    assert version == 2 and isinstance(start, ExpertUnavailable), start
+    assert events == ["remove", "delete"]  # the start waited for the delete, then refused
+    rows["m"] = "/models/m"
+    asyncio.run(svc.ensure_app("m", "/models/m"))
+    assert events[-1] == "deploy"
