@@ -59,8 +59,9 @@ class MicroBatcher(Generic[In, Out]):
                     remaining = deadline - loop.time()
                     if remaining <= 0:
                         break
-                    try:
-                        batch.append(await asyncio.wait_for(queue.get(), remaining))
+                    try:  # not wait_for: on 3.11 it swallows a cancel that meets a new item
+                        async with asyncio.timeout(remaining):
+                            batch.append(await queue.get())
                     except TimeoutError:
                         break
                 live = [p for p in batch if not p.future.done()]

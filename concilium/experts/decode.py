@@ -220,9 +220,10 @@ class Row:
         import torch
 
         t = self.params.temperature
-        if t <= 0:
+        scaled = logits / t if t > 0 else logits
+        if t <= 0 or not bool(torch.isfinite(scaled.max())):  # t → 0 (past float range): greedy
             return int(logits.argmax())
-        probs = torch.softmax(logits / t, -1)
+        probs = torch.softmax(scaled, -1)
         if self.params.top_p < 1.0:
             sp, si = probs.sort(descending=True)
             keep = sp.cumsum(-1) - sp < self.params.top_p
@@ -231,11 +232,10 @@ class Row:
 
     def _check_stop(self) -> None:
         self.text = self.tok.decode(self.ids, skip_special_tokens=True)
-        for s in self.params.stop:
-            cut = self.text.find(s)
-            if cut >= 0:
-                self.text, self.done, self.finish = self.text[:cut], True, "stop"
-                return
+        cuts = [c for c in (self.text.find(s) for s in self.params.stop) if c >= 0]
+        if cuts:  # the earliest stop string, whichever of them the caller listed first
+            self.text, self.done, self.finish = self.text[: min(cuts)], True, "stop"
+            return
         if len(self.ids) >= self.max_new:
             self.done = True
 

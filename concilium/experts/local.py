@@ -122,17 +122,25 @@ class LocalCausalLM:
                 return
             if self.bank is not None:
                 self.bank.remove(name)
-            else:
+            elif self._adapters:
                 self.model.delete_adapter(name)
+            else:  # PEFT keeps its deleted last adapter active: unwrap the base instead
+                self.model = self.model.unload().eval()
 
     # -- generation ----------------------------------------------------------------------------
     def prompt(self, messages: Sequence[Message]) -> str:
         tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
-            return str(
-                tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+        if not getattr(tok, "chat_template", None):
+            return "\n".join(m["content"] for m in messages) + "\n"
+        from jinja2 import TemplateError  # what apply_chat_template renders with
+
+        try:
+            text = tok.apply_chat_template(
+                list(messages), add_generation_prompt=True, tokenize=False
             )
-        return "\n".join(m["content"] for m in messages) + "\n"
+        except TemplateError as e:  # the template refuses them (a system role, no alternation)
+            raise InvalidInput(f"this model's chat template: {e}", field="messages") from None
+        return str(text)
 
     def generate(
         self, messages: Sequence[Message], params: GenParams, adapter: str | None = None
@@ -148,16 +156,15 @@ class LocalCausalLM:
             return decode(self, requests)
 
     def generate_stream(self, request: GenRequest, emit: Callable[[str], bool]) -> Generation:
-        """Decode one request, calling `emit(delta)` as text becomes final; emit False aborts."""
+        """Decode one request, calling `emit(delta)` as text becomes final; emit False aborts.
+        Every token calls it ("" while nothing new settled), so a consumer that left is heard."""
         with self._lock:
             sent = [0]
 
             def on_step(rows: Sequence[Row]) -> bool:
                 text = rows[0].settled()
-                if len(text) > sent[0]:
-                    delta, sent[0] = text[sent[0] :], len(text)
-                    return emit(delta)
-                return True
+                delta, sent[0] = text[sent[0] :], max(len(text), sent[0])
+                return emit(delta)
 
             gen = decode(self, [request], on_step)[0]
             if len(gen.text) > sent[0]:

@@ -36,7 +36,8 @@ async def stream_local(lm: LocalCausalLM, request: GenRequest) -> AsyncGenerator
     cancelled = threading.Event()
 
     def emit(text: str) -> bool:
-        loop.call_soon_threadsafe(queue.put_nowait, Delta(text))
+        if text:  # "" only asks whether the consumer is still there
+            loop.call_soon_threadsafe(queue.put_nowait, Delta(text))
         return not cancelled.is_set()
 
     def work() -> None:
