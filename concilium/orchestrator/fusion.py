@@ -1,7 +1,8 @@
 """Fusing an ensemble's answers with the gate weights (MoE²).
 
 Each member's vote is its gate weight times its own confidence, exp(mean token log-probability)
-when the expert reports it (1 otherwise). Answers are compared after whitespace normalisation:
+when the expert reports it (1 otherwise; a NaN one gives no confidence, as −inf does). Answers
+are compared after whitespace normalisation:
 
 * where members agree (comparable answers), the answer with the most weight wins — a weighted
   vote, so two cheaper experts that agree can outvote one stronger expert that does not;
@@ -27,7 +28,8 @@ class Vote:
 
     @property
     def weight(self) -> float:
-        conf = 1.0 if self.mean_logprob is None else math.exp(min(self.mean_logprob, 0.0))
+        lp = self.mean_logprob
+        conf = 1.0 if lp is None else 0.0 if math.isnan(lp) else math.exp(min(lp, 0.0))
         return max(self.gate, 0.0) * conf
 
 

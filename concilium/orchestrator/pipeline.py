@@ -88,8 +88,8 @@ class Orchestrator:
     # -- execution ------------------------------------------------------------------------------
     async def chat(self, req: ChatCompletionRequest) -> Outcome:
         t0 = time.perf_counter()
-        routed, messages, params = await self._routed_chat(req)
         deadline = Deadline.of(req.routing, self.request_timeout_s)
+        routed, messages, params = await self._routed_chat(req, deadline)
         if _multi(routed):
             ran = await self._run_plan(routed, messages, params, deadline)
             latency_ms = (time.perf_counter() - t0) * 1000
@@ -143,7 +143,7 @@ class Orchestrator:
         )
 
     async def _routed_chat(
-        self, req: ChatCompletionRequest
+        self, req: ChatCompletionRequest, deadline: Deadline
     ) -> tuple[Routed, list[Message], GenParams]:
         try:
             messages: list[Message] = [{"role": m.role, "content": m.text()} for m in req.messages]
@@ -163,7 +163,7 @@ class Orchestrator:
             model=req.model,
             objective=Objective.from_options(req.routing),
             max_tokens=params.max_tokens,
-            encoded=await self._embed_query(req.model, text),
+            encoded=await deadline.run(self._embed_query(req.model, text)),
         )
         tr = token_plan.requested(req.model, req.routing)
         if tr is not None:
@@ -225,8 +225,8 @@ class Orchestrator:
         after that ends the stream with an explicit SSE error event.
         """
         t0 = time.perf_counter()
-        routed, messages, params = await self._routed_chat(req)
         deadline = Deadline.of(req.routing, self.request_timeout_s)
+        routed, messages, params = await self._routed_chat(req, deadline)
         if _multi(routed):  # the answer exists only after fusion/escalation: one piece
             ran = await self._run_plan(routed, messages, params, deadline)
             out = self._chat_outcome(
@@ -278,6 +278,7 @@ class Orchestrator:
 
     async def embeddings(self, req: EmbeddingRequest) -> Outcome:
         t0 = time.perf_counter()
+        deadline = Deadline.of(req.routing, self.request_timeout_s)
         _refuse_unsupported(req.routing)
         texts = req.texts()
         if not texts or any(not t for t in texts):
@@ -291,11 +292,11 @@ class Orchestrator:
             task="embed",
             objective=Objective.from_options(req.routing),
             max_tokens=1,
-            encoded=await self._embed_query(req.model, texts[0]),
+            encoded=await deadline.run(self._embed_query(req.model, texts[0])),
             prompt_tokens=tokens,  # the objective's cost and energy cover every input
         )
         entry = routed.catalog.entries[routed.decision.expert]
-        vectors = await self.backend.embed(entry.target, texts)
+        vectors = await deadline.run(self.backend.embed(entry.target, texts))
         cost = tokens * entry.spec.price_in_per_1k / 1000
         routing = routing_object(
             routed, entry, cost, (time.perf_counter() - t0) * 1000, [entry.spec.name]

@@ -55,12 +55,15 @@ class Member:
             "expert": self.entry.spec.name,
             "gate": round(self.gate, 6),
             "ok": g is not None,
-            "mean_logprob": None
-            if g is None or g.mean_logprob is None
-            else round(g.mean_logprob, 4),
+            "mean_logprob": None if g is None else _rounded(g.mean_logprob),
             "cost": self.cost,
             **({"error": self.error} if self.error else {}),
         }
+
+
+def _rounded(lp: float | None) -> float | None:
+    """A log-probability for the routing object: None where JSON cannot hold it (NaN, ±inf)."""
+    return None if lp is None or not math.isfinite(lp) else round(lp, 4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,6 +240,6 @@ async def run_cascade(
     detail = {
         "threshold": threshold,
         "escalations": len(members) - 1,
-        "accepted_confidence": None if lp is None or math.isnan(lp) else round(lp, 4),
+        "accepted_confidence": _rounded(lp),
     }
     return Ran(plan, tuple(members), answer, detail)

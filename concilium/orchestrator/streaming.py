@@ -38,9 +38,9 @@ async def sse_chunks(
         "created": int(time.time()),
         "model": entry.spec.name,
     }
-    yield sse_event(meta, {"role": "assistant", "content": ""})
     item = first
-    try:
+    try:  # from the first chunk on: a client that stops reading closes the expert's stream
+        yield sse_event(meta, {"role": "assistant", "content": ""})
         while not isinstance(item, Generation):
             yield sse_event(meta, {"content": item.text})
             item = await deadline.run(anext(stream))
