@@ -294,7 +294,9 @@ def route(
     router: str | None = typer.Option(None, help="Router name (default: the configured one)."),
     max_cost: float | None = typer.Option(None, min=0, help="Cost ceiling."),
     max_latency_ms: float | None = typer.Option(None, min=0, help="Latency ceiling (ms)."),
-    max_tokens: int | None = typer.Option(None, help="Tokens the answer may use (for estimates)."),
+    max_tokens: int | None = typer.Option(
+        None, min=1, help="Tokens the answer may use (for estimates)."
+    ),
     config: Path | None = ConfigOpt,
     home: Path | None = HomeOpt,
     as_json: bool = JsonOpt,

@@ -161,7 +161,13 @@ def test_eval_fit_table_needs_a_table(table: Path, monkeypatch: pytest.MonkeyPat
 
 
 @pytest.mark.parametrize(
-    "args", [["--max-cost", "-1"], ["--max-latency-ms", "-5"], ["--max-cost", "nan"]]
+    "args",
+    [
+        ["--max-cost", "-1"],
+        ["--max-latency-ms", "-5"],
+        ["--max-cost", "nan"],
+        ["--max-tokens", "0"],
+    ],
 )
 def test_route_refuses_negative_ceilings(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, args: list[str]

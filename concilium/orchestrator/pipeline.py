@@ -318,11 +318,18 @@ def _multi(routed: Routed) -> bool:
 
 
 def _refuse_unsupported(opts: RoutingOptions | None) -> None:
-    """Embeddings take no token-level mixture."""
+    """Embeddings take no token-level mixture, and one expert embeds each request (no cascade
+    or ensemble: vectors of different experts are not comparable)."""
     if opts is not None and opts.token_routing is not None and opts.token_routing.router != "none":
         raise InvalidInput(
             "routing.token_routing applies to chat generation, not embeddings",
             field="routing.token_routing.router",
+        )
+    if opts is not None and opts.strategy != "single":
+        raise InvalidInput(
+            f"routing.strategy {opts.strategy!r} applies to chat generation; embeddings are "
+            "routed to one expert (strategy 'single')",
+            field="routing.strategy",
         )
 
 

@@ -223,6 +223,15 @@ def test_embeddings_route_among_embed_experts(client: TestClient) -> None:
     assert client.post("/v1/embeddings", json={"input": []}).status_code == 400
 
 
+@pytest.mark.parametrize("strategy", ["ensemble", "cascade"])
+def test_embeddings_refuse_a_multi_expert_strategy(client: TestClient, strategy: str) -> None:
+    body = {"input": ["hello"], "routing": {"strategy": strategy}}
+    r = client.post("/v1/embeddings", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "routing.strategy", r.text
+    single = {"input": ["hello"], "routing": {"strategy": "single"}}
+    assert client.post("/v1/embeddings", json=single).status_code == 200
+
+
 def test_embeddings_in_base64_as_the_openai_client_asks(client: TestClient) -> None:
     import base64
 
