@@ -131,3 +131,18 @@ def test_parquet_keeps_unknown_confidences_unknown(tmp_path: Path) -> None:
     assert np.isnan(back.confidence[0, 0]) and np.isnan(back.confidence[:, 1]).all()
     known = ~np.isnan(t.confidence)
     assert np.allclose(back.confidence[known], t.confidence[known])
+
+
+def test_a_parquet_sample_id_of_zero_is_an_id(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    p = tmp_path / "ids.parquet"
+    columns = {
+        "sample_id": [1, 0],
+        "prompt": ["hi", "ho"],
+        "a": [1.0, 0.0],
+        "a|total_cost": [0.1, 0.1],
+    }
+    pq.write_table(pa.table(columns), p)
+    assert OutcomeTable.read(p).sample_ids == ["1", "0"]

@@ -181,11 +181,14 @@ class OutcomeStore:
             db.executemany(
                 "INSERT OR IGNORE INTO outcomes VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows
             )
-            excess = db.execute("SELECT COUNT(*) FROM outcomes").fetchone()[0] - self.max_rows
-            if excess > 0:  # drop the oldest unlabelled live rows first
+            # beyond max_rows unlabelled live rows, the oldest go (labelled rows are what the
+            # router learns from; counting them too dropped every new row once they filled it)
+            pending = "FROM outcomes WHERE quality IS NULL AND source = 'live'"
+            excess = db.execute("SELECT COUNT(*) " + pending).fetchone()[0] - self.max_rows
+            if excess > 0:
                 db.execute(
-                    "DELETE FROM outcomes WHERE decision_id IN (SELECT decision_id FROM outcomes "
-                    "WHERE quality IS NULL AND source = 'live' ORDER BY ts LIMIT ?)",
+                    "DELETE FROM outcomes WHERE decision_id IN "
+                    f"(SELECT decision_id {pending} ORDER BY ts LIMIT ?)",
                     (excess,),
                 )
         except BaseException:  # never leave the write lock held: feedback would wait on it

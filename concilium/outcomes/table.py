@@ -183,9 +183,7 @@ class OutcomeTable:
             if answers is not None:
                 answers.append([str(r.get(x + RESPONSE, "")) for x in experts])
         return cls(
-            sample_ids=_unique_ids(
-                [str(r.get("sample_id") or i) for i, r in enumerate(records)], source
-            ),
+            sample_ids=_unique_ids([_sample_id(r, i) for i, r in enumerate(records)], source),
             prompts=[str(r["prompt"]) for r in records],
             families=[str(r.get("eval_name") or "") for r in records],
             experts=experts,
@@ -244,6 +242,12 @@ def _check_expert_columns(header: Sequence[str], experts: Sequence[str], source:
                 f"{source}: column {c!r} names expert {name!r}, which needs the columns "
                 f"{name!r} and {name + COST!r} ({missing!r} is missing)"
             )
+
+
+def _sample_id(record: dict[str, object], row: int) -> str:
+    """The row's sample_id, its row number when it has none (a Parquet id may be the number 0)."""
+    sid = record.get("sample_id")
+    return str(row if sid is None or sid == "" else sid)
 
 
 def _unique_ids(ids: list[str], source: str) -> list[str]:

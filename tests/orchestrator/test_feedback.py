@@ -64,3 +64,27 @@ def test_store_feedback_twice_raises_conflict(tmp_path: Path) -> None:
     assert store.get("d1")["quality"] == 0.5  # type: ignore[index]
     assert store.version() == v0 + 1
     assert not store.feedback("unknown", 1.0, wait_s=0.0)
+
+
+def _live(decision_id: str) -> Logged:
+    return Logged(decision_id, "q", None, "retriever", "single", ("a",), "a", 0.0, 1.0, None)
+
+
+def test_a_store_full_of_labelled_rows_still_takes_feedback(tmp_path: Path) -> None:
+    store = OutcomeStore(tmp_path / "outcomes.sqlite", max_rows=3)
+    for i in range(3):  # as many labelled rows as max_rows (feedback, or an imported table)
+        store.log(_live(f"old{i}"))
+        store.flush()
+        assert store.feedback(f"old{i}", 1.0, wait_s=0.0)
+    store.log(_live("new"))
+    assert store.feedback("new", 0.5, wait_s=0.0)  # the row just logged is kept
+    assert store.count(labelled=True) == 4
+
+
+def test_max_rows_drops_the_oldest_unlabelled_rows(tmp_path: Path) -> None:
+    store = OutcomeStore(tmp_path / "outcomes.sqlite", max_rows=3)
+    for i in range(5):
+        store.log(_live(f"d{i}"))
+        store.flush()
+    assert store.count(labelled=False) == 3
+    assert store.get("d0") is None and store.get("d1") is None and store.get("d4") is not None

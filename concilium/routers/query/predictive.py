@@ -172,10 +172,10 @@ class PredictiveRouter(QueryRouter):
         m = self.config.prior_strength
         out = np.empty(len(names))
         for i, name in enumerate(names):
-            p = prior[i]
-            if name in heads:
+            p, head = prior[i], heads.get(name)
+            if head is not None and head.reads(query.embedding):
                 b = self.config.pilot_blend
-                p = (1 - b) * heads[name].predict(query.embedding) + b * prior[i]
+                p = (1 - b) * head.predict(query.embedding) + b * prior[i]
             num, den = m * p, m
             if name in rows:
                 emb, q = rows[name]
@@ -227,6 +227,8 @@ class PredictiveRouter(QueryRouter):
             self._checked = now
             version = src.version()
             if version != self._version or dim != self._dim:
+                if dim != self._dim:
+                    self._head_version = None  # the heads read the old width: refit them
                 self._rows = _group(src.labelled(dim))
                 self._version, self._dim = version, dim
             self._maybe_refit(now)
@@ -275,6 +277,10 @@ class _Head:
 
         lr = LogisticRegression(max_iter=1000).fit(emb.astype(np.float64), y)
         return cls(float(y.mean()), lr.coef_[0].astype(np.float64), float(lr.intercept_[0]))
+
+    def reads(self, x: np.ndarray) -> bool:
+        """Whether the head takes embeddings of `x`'s width (a constant one takes any)."""
+        return self.coef is None or self.coef.size == x.size
 
     def predict(self, x: np.ndarray) -> float:
         if self.coef is None:

@@ -85,18 +85,18 @@ class RetrieverRouter(QueryRouter):
     def __init__(self, config: RetrieverConfig | None = None) -> None:
         self.config = config or RetrieverConfig()
         self._index: PilotIndex | None = None
+        self._indexed: dict[str, np.ndarray] = {}  # expert -> the pilots array in the index
         self._bank: TokenBank | None = None
 
     def prepare(self, candidates: Sequence[Candidate]) -> None:
         self._index = _build_index(candidates)
+        self._indexed = {c.name: c.pilots for c in _piloted(candidates)}
         self._bank = TokenBank.of(candidates)
 
     def route(self, query: Query, candidates: Sequence[Candidate]) -> RouteDecision:
         index = self._index
-        if index is None or not {c.name for c in candidates} <= index.experts | _no_pilots(
-            candidates
-        ):
-            index = _build_index(candidates)
+        if index is None or not all(self._holds(c) for c in candidates):
+            index = _build_index(candidates)  # an expert new or re-registered since prepare
         sims = index.similarities(query.embedding)
         names = [c.name for c in candidates]
         scores = np.array([self._aggregate(sims.get(n)) for n in names], dtype=np.float32)
@@ -113,6 +113,11 @@ class RetrieverRouter(QueryRouter):
             temperature=self.config.temperature,
             reason=f"{how} ({self.config.aggregate})",
         )
+
+    def _holds(self, c: Candidate) -> bool:
+        """Whether the prepared index holds exactly `c`'s pilots (the same array: a re-registered
+        expert brings new ones; kept in `_indexed`, so an address is never reused)."""
+        return self._indexed.get(c.name) is (c.pilots if len(c.pilots) else None)
 
     def _rerank(
         self, query: Query, bank: TokenBank, candidates: Sequence[Candidate], sentence: np.ndarray
@@ -154,13 +159,12 @@ def _description_sims(query: Query, candidates: Sequence[Candidate]) -> np.ndarr
 
 
 def _build_index(candidates: Sequence[Candidate]) -> PilotIndex:
-    dim = int(candidates[0].description.shape[-1]) if candidates else 1
-    index = PilotIndex(dim)
-    for c in candidates:
-        if len(c.pilots):
-            index.add(c.name, c.pilots)
+    piloted = _piloted(candidates)
+    index = PilotIndex(int(piloted[0].pilots.shape[-1]) if piloted else 1)
+    for c in piloted:
+        index.add(c.name, c.pilots)
     return index
 
 
-def _no_pilots(candidates: Sequence[Candidate]) -> set[str]:
-    return {c.name for c in candidates if not len(c.pilots)}
+def _piloted(candidates: Sequence[Candidate]) -> list[Candidate]:
+    return [c for c in candidates if len(c.pilots)]
