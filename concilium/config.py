@@ -255,6 +255,9 @@ class ServiceConfig(BaseModel):
     max_fallbacks: int = Field(default=2, ge=0, description="Fallback experts tried on failure.")
     max_adapters: int = Field(default=64, ge=1, description="Adapters resident per base model.")
     batch_window_ms: float = Field(default=2.0, ge=0, description="Mixed-batch collection window.")
+    max_request_mb: float = Field(
+        default=32, gt=0, description="Largest HTTP request body accepted (MiB); 413 beyond."
+    )
     max_rank: int = Field(default=64, ge=1, description="Largest LoRA rank accepted.")
     max_adapter_mb: float = Field(default=256, gt=0, description="Largest adapter accepted (MiB).")
     model_root: Path | None = Field(
@@ -275,7 +278,9 @@ class ServiceConfig(BaseModel):
     strategies: StrategyConfig = Field(default_factory=StrategyConfig)
 
     def admin_key(self) -> str | None:
-        return os.environ.get("CONCILIUM_ADMIN_KEY") or self.admin_api_key
+        """The admin key (env wins); an empty one is no key, never a key everyone has."""
+        key = os.environ.get("CONCILIUM_ADMIN_KEY") or self.admin_api_key or ""
+        return key.strip() or None
 
     def user_keys(self) -> list[str]:
         """Keys accepted for inference (env CONCILIUM_API_KEYS, comma-separated, wins)."""

@@ -99,7 +99,9 @@ def create_app(service: Service, instance: str = "local") -> FastAPI:
 
 
 def _bearer(request: Request) -> bytes:
-    return request.headers.get("authorization", "").removeprefix("Bearer ").strip().encode()
+    """The bearer token of the request ('' without one); the scheme is case-insensitive."""
+    scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+    return token.strip().encode() if scheme.lower() == "bearer" else b""
 
 
 def _user_guard(service: Service) -> Any:
@@ -265,9 +267,36 @@ class _RequestMetrics:
             self.metrics.observe_request(endpoint, status[0], time.perf_counter() - t0)
 
 
+class _BodyLimit:
+    """Pure ASGI middleware: a request body past `max_bytes` (declared or as it arrives) is a
+    413 before it is held in memory."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        seen = [int(declared) if declared.isdigit() else 0]
+
+        async def limited() -> Any:
+            if seen[0] > self.max_bytes:
+                raise StarletteHTTPException(413, f"request body over {self.max_bytes} bytes")
+            message = await receive()
+            seen[0] += len(message.get("body", b"")) if message["type"] == "http.request" else 0
+            if seen[0] > self.max_bytes:
+                raise StarletteHTTPException(413, f"request body over {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
 def _install_metrics(app: FastAPI, service: Service) -> None:
     app.state.metrics = metrics = Metrics()
     metrics.watch_backend(lambda: backend_stats(service.backend))
+    app.add_middleware(_BodyLimit, max_bytes=int(service.config.max_request_mb * 1024**2))
     app.add_middleware(_RequestMetrics, metrics=metrics)
 
     @app.get("/metrics")
@@ -275,12 +304,20 @@ def _install_metrics(app: FastAPI, service: Service) -> None:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
+_MEMBER_TAGS = {"str", "int", "float", "bool", "dict", "list"}
+
+
 def _loc(err: Any) -> str:
     """The dotted request field of one validation error; '' for the body as a whole (a JSON
-    decode error's `loc` ends in a character position, which names no field)."""
+    decode error's `loc` ends in a character position, which names no field). The union
+    member tags pydantic puts in `loc` ('str', 'list[str]') are no field and are left out."""
     if err["type"] == "json_invalid":
         return ""
-    return ".".join(str(p) for p in err["loc"] if p != "body")
+    return ".".join(str(p) for p in err["loc"] if p != "body" and not _member_tag(p))
+
+
+def _member_tag(part: Any) -> bool:
+    return isinstance(part, str) and (part in _MEMBER_TAGS or "[" in part)
 
 
 def _msg(err: Any) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -83,7 +84,8 @@ class Metrics:
 
     def observe_routing(self, routing: Mapping[str, Any]) -> None:
         self.decisions.labels(routing["router"], routing["expert"]).inc()
-        self.cost.labels(routing["expert"]).inc(float(routing["cost"]))
+        cost = float(routing["cost"])  # a remote's odd usage may make it negative or NaN
+        self.cost.labels(routing["expert"]).inc(cost if math.isfinite(cost) and cost > 0 else 0.0)
         fallbacks = list(routing["fallbacks"])
         failed = [routing["experts"][0], *fallbacks[:-1]] if fallbacks else []
         for name in failed:

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from concilium.registry.specs import unicode_problem
 
@@ -111,8 +118,25 @@ class ChatMessage(_Body):
         return "".join(p.text or "" for p in self.content)
 
 
+# OpenAI parameters that change what the answer must be (tool calls, JSON, log-probabilities,
+# token biases): refused by name unless given their neutral value, never silently ignored.
+_UNSUPPORTED = (
+    *("logprobs", "top_logprobs", "tools", "tool_choice", "functions", "function_call"),
+    *("response_format", "logit_bias"),
+)
+_NULLABLE = ("temperature", "top_p", "n", "stream", "min_tokens")  # null: the default
+
+
+def _neutral(field: str, v: Any) -> bool:
+    if field in ("tool_choice", "function_call"):
+        return v in (None, "none", "auto")
+    if field == "response_format":
+        return v is None or v.get("type") == "text"
+    return not v  # False, 0, [] or {}
+
+
 class ChatCompletionRequest(_Body):
-    """POST /v1/chat/completions. Unknown OpenAI parameters are accepted and ignored."""
+    """POST /v1/chat/completions. Other unknown OpenAI parameters are accepted and ignored."""
 
     model_config = ConfigDict(extra="allow")
     model: str = Field(
@@ -134,6 +158,41 @@ class ChatCompletionRequest(_Body):
     seed: int | None = None
     user: str | None = None
     routing: RoutingOptions | None = None
+    logprobs: bool | None = Field(default=None, description="Not supported: true is a 400.")
+    top_logprobs: int | None = Field(default=None, description="Not supported: >0 is a 400.")
+    tools: list[dict[str, Any]] | None = Field(
+        default=None, description="Not supported (experts answer text): a tool is a 400."
+    )
+    tool_choice: str | dict[str, Any] | None = Field(
+        default=None, description="Not supported: only 'none' and 'auto' are accepted."
+    )
+    functions: list[dict[str, Any]] | None = Field(
+        default=None, description="Not supported (legacy tools): a function is a 400."
+    )
+    function_call: str | dict[str, Any] | None = Field(
+        default=None, description="Not supported: only 'none' and 'auto' are accepted."
+    )
+    response_format: dict[str, Any] | None = Field(
+        default=None, description="Only {'type': 'text'}: JSON modes are a 400."
+    )
+    logit_bias: dict[str, float] | None = Field(
+        default=None, description="Not supported: a bias is a 400."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """OpenAI's schema makes these nullable; a client serialising unset fields sends null."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in _NULLABLE}
+        return data
+
+    @field_validator(*_UNSUPPORTED)
+    @classmethod
+    def _unsupported(cls, v: Any, info: ValidationInfo) -> Any:
+        if not _neutral(str(info.field_name), v):
+            raise ValueError(f"{info.field_name} is not supported (experts answer plain text)")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -157,7 +216,17 @@ class EmbeddingRequest(_Body):
     encoding_format: Literal["float", "base64"] = Field(
         default="float", description="float lists, or base64 of little-endian float32 (openai's)."
     )
+    dimensions: int | None = Field(
+        default=None, description="Not supported: an expert's vectors have its own size."
+    )
     routing: RoutingOptions | None = None
+
+    @field_validator("dimensions")
+    @classmethod
+    def _no_dimensions(cls, v: int | None) -> int | None:
+        if v is not None:
+            raise ValueError("dimensions is not supported: each expert embeds at its own size")
+        return v
 
     def texts(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else list(self.input)
