@@ -129,6 +129,25 @@ def expert_infos(app: str, deployment: str, samples: int = 12) -> dict[str, dict
     return out
 
 
+def rows_seen(app: str, deployment: str) -> dict[str, float]:
+    """Per replica heard from: requests that reached one of its decode batches."""
+    return {r: i["stats"].get("batched_rows", 0) for r, i in expert_infos(app, deployment).items()}
+
+
+def more_rows(app: str, deployment: str, before: dict[str, float]) -> bool:
+    """Some replica seen before has batched a request since."""
+    now = rows_seen(app, deployment)
+    return any(n > before.get(r, float("inf")) for r, n in now.items())
+
+
+def wait_for(condition: Any, what: str, timeout_s: float = 60) -> None:
+    """Poll `condition()` until true; fail naming `what` after `timeout_s` (a hang, not speed)."""
+    deadline = time.perf_counter() + timeout_s
+    while not condition():
+        assert time.perf_counter() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.05)
+
+
 def test_chat_through_serve_returns_routing(gateway: str, manifest: dict[str, Any]) -> None:
     skill = next(e["name"] for e in manifest["experts"] if e["default"])
     query, answer = pilot_query(manifest, skill)
@@ -256,9 +275,12 @@ def test_deadline_cancels_downstream(gateway: str) -> None:
         gateway, "hi", model=LATE, max_tokens=2000, min_tokens=2000, routing={"deadline_ms": 300}
     )
     assert r.status_code == 504 and r.json()["error"]["param"] == "routing.deadline_ms"
-    time.sleep(1.0)
-    after = next(iter(expert_infos(app, dep, 1).values()))["stats"].get("cancelled", 0)
-    assert after == before + 1
+
+    def cancelled() -> float:
+        return float(next(iter(expert_infos(app, dep, 1).values()))["stats"].get("cancelled", 0))
+
+    wait_for(lambda: cancelled() >= before + 1, "the replica to see the cancel")
+    assert cancelled() == before + 1
 
 
 def test_adapters_beyond_the_lru_cap_are_evicted_and_reloaded(
@@ -393,9 +415,10 @@ def test_delete_drains_in_flight_requests_then_unloads(
     def slow() -> httpx.Response:
         return chat(gateway, query, model=f"demo-moe:{skill}", max_tokens=400, min_tokens=400)
 
+    seen = rows_seen("concilium", "expert-demo-moe")
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(slow)
-        time.sleep(0.5)  # the request is decoding on a replica
+        wait_for(lambda: more_rows("concilium", "expert-demo-moe", seen), "the request to decode")
         r = httpx.delete(f"{gateway}/v1/experts/{skill}", headers=ADMIN, timeout=60)
         assert r.status_code == 200, r.text
         done = pending.result(timeout=180)
@@ -440,9 +463,10 @@ def test_deleting_a_late_model_expert_drains_then_deletes_its_application(
         r = chat(gateway, "hi", model=LATE, max_tokens=400, min_tokens=400)
         return r, time.perf_counter()
 
+    seen = rows_seen(app, f"expert-{LATE}")
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(slow)
-        time.sleep(0.5)  # the request is decoding on the replica
+        wait_for(lambda: more_rows(app, f"expert-{LATE}", seen), "the request to decode")
         r = httpx.delete(f"{gateway}/v1/experts/{LATE}", headers=ADMIN, timeout=120)
         deleted_at = time.perf_counter()
         assert r.status_code == 200, r.text
