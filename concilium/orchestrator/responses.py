@@ -52,9 +52,10 @@ async def sse_whole(body: dict[str, Any]) -> AsyncIterator[bytes]:
     yield b"data: [DONE]\n\n"
 
 
-def sse_error(message: str, err_type: str) -> bytes:
-    """An explicit SSE error event (OpenAI clients raise it) ending a broken stream."""
-    body = {"error": {"message": message, "type": err_type, "code": None}}
+def sse_error(message: str, err_type: str, param: str | None = None) -> bytes:
+    """An explicit SSE error event (OpenAI clients raise it) ending a broken stream; `param`
+    names the field at fault, as in a plain error answer (a deadline: routing.deadline_ms)."""
+    body = {"error": {"message": message, "type": err_type, "param": param, "code": None}}
     return f"data: {json.dumps(body)}\n\n".encode()
 
 

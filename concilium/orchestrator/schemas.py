@@ -122,7 +122,7 @@ class ChatMessage(_Body):
 # token biases): refused by name unless given their neutral value, never silently ignored.
 _UNSUPPORTED = (
     *("logprobs", "top_logprobs", "tools", "tool_choice", "functions", "function_call"),
-    *("response_format", "logit_bias"),
+    *("response_format", "logit_bias", "presence_penalty", "frequency_penalty"),
 )
 _NULLABLE = ("temperature", "top_p", "n", "stream", "min_tokens")  # null: the default
 
@@ -177,6 +177,12 @@ class ChatCompletionRequest(_Body):
     )
     logit_bias: dict[str, float] | None = Field(
         default=None, description="Not supported: a bias is a 400."
+    )
+    presence_penalty: float | None = Field(
+        default=None, description="Not supported: a non-zero penalty is a 400."
+    )
+    frequency_penalty: float | None = Field(
+        default=None, description="Not supported: a non-zero penalty is a 400."
     )
 
     @model_validator(mode="before")

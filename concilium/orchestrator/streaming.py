@@ -45,7 +45,7 @@ async def sse_chunks(
             yield sse_event(meta, {"content": item.text})
             item = await deadline.run(anext(stream))
     except ExpertFailed as e:
-        yield sse_error(e.message, type(e).__name__)
+        yield sse_error(e.message, type(e).__name__, e.field)
         return
     except Exception:
         log.exception("stream of %s broke", entry.spec.name)

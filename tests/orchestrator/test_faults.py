@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from concilium.config import load_config
 from concilium.errors import ExpertUnavailable
-from concilium.experts.base import Generation, GenParams, Message, Target
+from concilium.experts.base import Delta, Generation, GenParams, Message, StreamItem, Target
 from concilium.orchestrator.http import create_app
 from concilium.orchestrator.service import build_service
 from tests.conftest import FakeBackend, HashEncoder, remote_spec
@@ -95,14 +96,73 @@ def test_stream_broken_midway_ends_with_an_error_event(
     assert err["type"] == "ExpertUnavailable" and "mid-stream" in err["message"]
 
 
-def test_stream_past_its_deadline_ends_with_an_error_event(
+def test_stream_past_its_deadline_before_the_first_piece_is_a_504(
     client: TestClient, backend: FakeBackend
 ) -> None:
     backend.delay_s["reverse"] = 5.0
-    code, _ = sse(
-        client, body("reverse the word", stream=True, model="reverse", routing={"deadline_ms": 50})
-    )
-    assert code == 504
+    payload = body("reverse the word", stream=True, model="reverse", routing={"deadline_ms": 50})
+    with client.stream("POST", "/v1/chat/completions", json=payload) as r:
+        r.read()
+    assert r.status_code == 504, r.text
+    assert r.json()["error"]["param"] == "routing.deadline_ms"
+    assert backend.cancelled == ["reverse"]
+
+
+class StallsAfterFirstPiece(FakeBackend):
+    """Streams one piece at once, then stalls for `stall_s` (recording a cancel) before the rest."""
+
+    stall_s = 5.0
+
+    async def chat_stream(  # type: ignore[override]
+        self, target: Target, messages: list[Message], params: GenParams
+    ) -> AsyncIterator[StreamItem]:
+        self.calls.append((target.expert, list(messages), params))
+        yield Delta("rev")
+        try:
+            await asyncio.sleep(self.stall_s)
+        except asyncio.CancelledError:
+            self.cancelled.append(target.expert)
+            raise
+        yield Delta("erse")
+        yield Generation(
+            text="reverse", prompt_tokens=10, completion_tokens=5, finish_reason="stop"
+        )
+
+
+@pytest.fixture
+def stalling(tmp_path: Path) -> Iterator[tuple[TestClient, StallsAfterFirstPiece]]:
+    backend = StallsAfterFirstPiece()
+    cfg = load_config(None, home=tmp_path, seed_embedder=False)
+    svc = build_service(cfg, encoder=HashEncoder(), backend=backend, seed=False)
+    for s in EXPERTS:
+        svc.registry.register(s)
+    with TestClient(create_app(svc)) as c:
+        yield c, backend
+
+
+def test_stream_past_its_deadline_midway_ends_with_an_error_event(
+    stalling: tuple[TestClient, StallsAfterFirstPiece],
+) -> None:
+    client, backend = stalling
+    # 1 s, not 50 ms: the deadline counts the routing step too, which a loaded machine slows
+    payload = body("reverse the word", stream=True, model="reverse", routing={"deadline_ms": 1000})
+    code, data = sse(client, payload)
+    assert code == 200 and data[-1] != "[DONE]", data
+    pieces = [json.loads(d)["choices"][0]["delta"].get("content") for d in data[:-1]]
+    assert pieces == ["", "rev"]  # the role chunk, the first piece, then nothing more
+    err = json.loads(data[-1])["error"]
+    assert err["type"] == "ExpertTimeout" and "1000 ms" in err["message"], err
+    assert backend.cancelled == ["reverse"]  # the stalled expert's work was cancelled
+
+
+def test_stream_deadline_error_event_names_the_field(
+    stalling: tuple[TestClient, StallsAfterFirstPiece],
+) -> None:
+    """Like the 504 before the first piece, the error event after it names the field."""
+    client, _ = stalling
+    payload = body("reverse the word", stream=True, model="reverse", routing={"deadline_ms": 1000})
+    _, data = sse(client, payload)
+    assert json.loads(data[-1])["error"].get("param") == "routing.deadline_ms", data[-1]
 
 
 class Overloaded(FakeBackend):

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from concilium.config import load_config
 from concilium.orchestrator.http import create_app
-from concilium.orchestrator.service import build_service
+from concilium.orchestrator.service import Service, build_service
 from tests.conftest import FakeBackend, HashEncoder, remote_spec
 
 ADMIN = {"Authorization": "Bearer s3cret"}
@@ -53,6 +54,18 @@ def chat(c: TestClient, content: str, **body: object):  # type: ignore[no-untype
     )
 
 
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of the one sample `name{labels}` in a Prometheus exposition."""
+    values = [
+        s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == name and s.labels == labels
+    ]
+    assert len(values) == 1, (name, labels, values)
+    return float(values[0])
+
+
 def test_auto_routes_and_reports_routing(client: TestClient, backend: FakeBackend) -> None:
     r = chat(client, "please reverse the word planet")
     assert r.status_code == 200, r.text
@@ -69,14 +82,12 @@ def test_auto_routes_and_reports_routing(client: TestClient, backend: FakeBacken
     assert h["x-concilium-expert"] == "reverse" and h["x-concilium-router"] == "retriever"
     assert h["x-concilium-decision-id"] == rt["decision_id"]
     assert json.loads(h["x-concilium-scores"])["reverse"] == rt["scores"]["reverse"]
-    for k in (
-        "x-concilium-confidence",
-        "x-concilium-cost",
-        "x-concilium-active-params",
-        "x-concilium-latency-ms",
-        "x-concilium-estimated-cost",
-    ):
-        assert h[k] != ""
+    assert float(h["x-concilium-cost"]) == pytest.approx(rt["cost"])
+    assert rt["estimated_cost"] > 0
+    assert float(h["x-concilium-estimated-cost"]) == pytest.approx(rt["estimated_cost"])
+    assert float(h["x-concilium-confidence"]) == pytest.approx(rt["confidence"], abs=6e-5)
+    assert float(h["x-concilium-latency-ms"]) == pytest.approx(rt["latency_ms"], abs=0.06)
+    assert int(h["x-concilium-active-params"]) == rt["active_parameters"] == 1000
     assert backend.calls[-1][0] == "reverse"
 
 
@@ -265,6 +276,13 @@ def test_metrics_count_requests_decisions_and_fallbacks(
     assert 'concilium_requests_total{endpoint="/v1/chat/completions",status="200"} 2.0' in text
     assert 'concilium_requests_total{endpoint="/v1/chat/completions",status="404"} 1.0' in text
     assert "concilium_active_parameters_count 1.0" in text
+    # the fake reports 10 prompt and 5 completion tokens; prices are per 1k tokens
+    assert sample(text, "concilium_cost_total", expert="reverse") == pytest.approx(
+        (10 * 0.1 + 5 * 0.2) / 1000
+    )
+    assert sample(text, "concilium_cost_total", expert="math") == pytest.approx(
+        (10 * 1.0 + 5 * 2.0) / 1000
+    )
 
 
 def test_user_keys_guard_inference_but_not_health(tmp_path: Path, backend: FakeBackend) -> None:
@@ -297,6 +315,9 @@ def test_an_expert_registered_by_another_process_is_usable_at_once(
         seed=False,
     )
     other.registry.register(remote_spec("fresh", ["brand new skill"]))
-    r = chat(client, "hello", model="fresh")  # well within the catalog's 0.2 s refresh
+    # never re-checked by age (longer than any uptime): only the re-lookup on a miss finds it
+    svc: Service = client.app.state.service  # type: ignore[attr-defined]
+    svc.orchestrator.catalogs.refresh_s = 1e9
+    r = chat(client, "hello", model="fresh")
     assert r.status_code == 200, r.text
     assert chat(client, "hello", model="never-registered").status_code == 404

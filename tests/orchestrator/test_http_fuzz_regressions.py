@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -125,12 +124,13 @@ def test_a_surrogate_query_no_longer_stops_outcome_logging(client: TestClient) -
     lock: every later feedback waited 30 s and failed with 'database is locked'."""
     assert post(client, "/v1/embeddings", {"input": "\ud800"}).status_code == 400
     r = post(client, "/v1/chat/completions", {"messages": USER})
-    t0 = time.monotonic()
-    r = post(
-        client, "/v1/feedback", {"decision_id": r.json()["routing"]["decision_id"], "score": 1}
-    )
+    decision_id = r.json()["routing"]["decision_id"]
+    r = post(client, "/v1/feedback", {"decision_id": decision_id, "score": 1})
     assert r.status_code == 200, r.text
-    assert time.monotonic() - t0 < 5
+    store = client.app.state.service.orchestrator.outcomes  # type: ignore[attr-defined]
+    assert store._writer is not None and store._writer.is_alive()  # the writer survived
+    stored = store.get(decision_id)
+    assert stored is not None and stored["quality"] == 1.0  # the score was written
 
 
 @pytest.mark.parametrize(
@@ -205,10 +205,10 @@ def test_outcome_writer_survives_a_batch_it_cannot_write(tmp_path: Path) -> None
     store.log(_logged("bad", "\ud800"))  # no UTF-8 encoding: the insert raises
     store.flush()
     store.log(_logged("good", "fine"))
-    t0 = time.monotonic()
-    assert store.feedback("good", 1.0)  # the writer is alive and no write lock is left held
-    assert time.monotonic() - t0 < 5
-    assert store.get("bad") is None and store.get("good") is not None
+    assert store.feedback("good", 1.0)  # no write lock is left held
+    assert store._writer is not None and store._writer.is_alive()  # the writer survived
+    good = store.get("good")
+    assert store.get("bad") is None and good is not None and good["quality"] == 1.0
 
 
 # -- bug: URL / directory refusals named no field ----------------------------------------------

@@ -16,7 +16,7 @@ from concilium.experts.base import Generation, GenParams, Message, Target
 from concilium.orchestrator.http import create_app
 from concilium.orchestrator.service import build_service
 from tests.conftest import FakeBackend, HashEncoder
-from tests.orchestrator.test_http import EXPERTS
+from tests.orchestrator.test_http import EXPERTS, sample
 
 MESSAGES = [{"role": "user", "content": "please reverse the word planet"}]
 
@@ -58,6 +58,8 @@ def test_an_explicit_null_means_the_default(
         ("response_format", {"type": "json_object"}),
         ("response_format", {"type": "json_schema", "json_schema": {"name": "x"}}),
         ("logit_bias", {"50256": -100}),
+        ("presence_penalty", 0.5),
+        ("frequency_penalty", -1.0),
     ],
 )
 def test_unsupported_openai_parameters_are_400_naming_the_field(
@@ -80,6 +82,7 @@ def test_unsupported_openai_parameters_are_400_naming_the_field(
         {"tool_choice": "auto"},
         {"response_format": {"type": "text"}},
         {"logit_bias": {}},
+        {"presence_penalty": 0, "frequency_penalty": 0.0},
         {"parallel_tool_calls": False, "user": "u1", "seed": 7},
     ],
 )
@@ -159,9 +162,9 @@ def test_negative_reported_usage_does_not_turn_an_answer_into_a_500(tmp_path: Pa
         r = chat(c, model="reverse")
         assert r.status_code == 200, r.text
         metrics = c.get("/metrics").text
-    line = 'concilium_cost_total{expert="reverse"}'
-    cost = [ln for ln in metrics.splitlines() if ln.startswith(line)]
-    assert cost and float(cost[0].split()[-1]) >= 0  # a counter never goes backwards
+    # the reported usage prices the answer at (-1000 * 0.1 + 5 * 0.2) / 1000 < 0: a counter
+    # never goes backwards, so the answer adds nothing
+    assert sample(metrics, "concilium_cost_total", expert="reverse") == 0.0
 
 
 def big_client(tmp_path: Path, backend: FakeBackend) -> TestClient:

@@ -19,6 +19,7 @@ from concilium.orchestrator.objective import Objective
 from concilium.orchestrator.service import Service, build_service
 from concilium.outcomes import OutcomeStore, OutcomeTable
 from tests.conftest import FakeBackend, HashEncoder, remote_spec
+from tests.orchestrator.test_http import sample
 
 EXPERTS = [
     remote_spec(
@@ -261,7 +262,21 @@ def test_quality_weight_trades_quality_for_cost(client: TestClient) -> None:
     cheap = chat(client, q, model="router-predictive", routing={"quality_weight": 0.0})
     assert dear.json()["routing"]["expert"] == "reverse-pro"
     assert cheap.json()["routing"]["expert"] == "reverse"  # the cheapest candidate
-    assert "predicted_quality" in str(dear.json()["routing"]) or dear.json()["routing"]["scores"]
+    d, c = dear.json()["routing"], cheap.json()["routing"]
+    # quality_weight 1: the scores are the predicted qualities, the reversal experts first
+    assert d["scores"]["reverse-pro"] > d["scores"]["reverse"] > d["scores"]["math"], d
+    assert d["confidence"] == pytest.approx(d["scores"]["reverse-pro"], abs=1e-5)
+    # quality_weight 0: the scores are minus the cost relative to the dearest candidate
+    assert sorted(c["scores"], key=c["scores"].__getitem__, reverse=True) == [
+        "reverse",
+        "math",
+        "reverse-pro",
+    ]
+    assert c["scores"]["reverse-pro"] == pytest.approx(-1.0, abs=1e-5)
+    ratio = c["estimated_cost"] / d["estimated_cost"]
+    assert c["scores"]["reverse"] == pytest.approx(-ratio, abs=1e-5), (c, d)
+    # the cheap pick's confidence is still its predicted quality
+    assert c["confidence"] == pytest.approx(d["scores"]["reverse"], abs=1e-5)
 
 
 def test_feedback_changes_later_routing_without_restart(
@@ -303,12 +318,19 @@ def test_feedback_errors_are_clear(client: TestClient) -> None:
 def test_metrics_report_strategies_and_average_active_parameters(
     client: TestClient,
 ) -> None:
-    chat(client, "reverse the word planet")
-    chat(client, "reverse the word planet", routing={"strategy": "ensemble", "max_experts": 2})
+    one = chat(client, "reverse the word planet").json()["routing"]
+    two = chat(
+        client, "reverse the word planet", routing={"strategy": "ensemble", "max_experts": 2}
+    ).json()["routing"]
+    assert one["expert"] == "reverse"
+    assert [m["expert"] for m in two["members"]] == ["reverse", "reverse-pro"]
     text = client.get("/metrics").text
-    assert 'concilium_strategy_requests_total{strategy="ensemble"} 1.0' in text
-    assert "concilium_active_parameters_mean" in text
-    assert 'concilium_expert_calls_total{expert="reverse"}' in text
+    assert sample(text, "concilium_strategy_requests_total", strategy="ensemble") == 1.0
+    assert sample(text, "concilium_strategy_requests_total", strategy="single") == 1.0
+    mean = (one["active_parameters"] + two["active_parameters"]) / 2  # (1000 + 51000) / 2
+    assert sample(text, "concilium_active_parameters_mean") == pytest.approx(mean)
+    assert sample(text, "concilium_expert_calls_total", expert="reverse") == 2.0
+    assert sample(text, "concilium_expert_calls_total", expert="reverse-pro") == 1.0
 
 
 # -- outcome store and RouterBench import ----------------------------------------------------------
