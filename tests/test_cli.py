@@ -38,23 +38,41 @@ def test_rm_then_missing_is_exit_2(home: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "args",
+    ("args", "words"),
     [
-        ["experts", "add", "/nonexistent/spec.json"],
-        ["experts", "add"],
-        ["experts", "show", "ghost"],
-        ["experts", "add", "--from-pack", "ghost", "--pack", "/nonexistent"],
-        ["serve", "--port", "0"],
-        ["chat", "hi", "--url", "http://127.0.0.1:9"],
-        ["nonsense-command"],
+        (
+            ["experts", "add", "/nonexistent/spec.json"],
+            ["cannot read spec", "/nonexistent/spec.json"],
+        ),
+        (["experts", "add"], ["exactly one of SPEC", "--from-pack"]),
+        (["experts", "show", "ghost"], ["no expert named 'ghost'"]),
+        (
+            ["experts", "add", "--from-pack", "ghost", "--pack", "/nonexistent"],
+            ["/nonexistent/manifest.json"],
+        ),
+        (["serve", "--port", "0"], ["invalid config field port"]),
+        (["chat", "hi", "--url", "http://127.0.0.1:9"], ["cannot reach http://127.0.0.1:9"]),
     ],
 )
-def test_bad_input_exits_2_without_traceback(home: Path, args: list[str]) -> None:
+def test_bad_input_exits_2_without_traceback(home: Path, args: list[str], words: list[str]) -> None:
+    """Each is refused by the CLI's own error path (`error: ...`), not by click's usage-error
+    handling (also exit 2), which is what a renamed or misspelt option would get."""
     if args[0] in ("experts",) and args[1] in ("add", "show"):
         args = [*args, "--home", str(home)]
     r = runner.invoke(app, args)
     assert r.exit_code == 2, r.output
     assert "Traceback" not in r.output
+    assert r.output.startswith("error: "), r.output
+    assert "Usage:" not in r.output
+    for w in words:
+        assert w in r.output, (w, r.output)
+
+
+def test_an_unknown_command_is_a_usage_error_exit_2() -> None:
+    r = runner.invoke(app, ["nonsense-command"])
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output
+    assert "Usage:" in r.output and "No such command 'nonsense-command'" in r.output
 
 
 def test_bad_config_file_is_exit_2(tmp_path: Path) -> None:

@@ -98,18 +98,35 @@ def test_chat_refuses_a_malformed_url() -> None:
 
 
 @pytest.mark.parametrize(
-    "response",
+    ("response", "words"),
     [
-        httpx.Response(404, text="<html>not found</html>"),
-        httpx.Response(200, text="<html>a web page</html>"),
-        httpx.Response(200, json={"choices": [{"message": {"content": "hi"}}]}),  # no routing
+        (httpx.Response(404, text="<html>not found</html>"), ["HTTP 404", "not found"]),
+        (
+            httpx.Response(200, text="<html>a web page</html>"),
+            ["http://127.0.0.1:9", "without a JSON object", "not a concilium gateway"],
+        ),
+        (
+            httpx.Response(200, json={"choices": [{"message": {"content": "hi"}}]}),  # no routing
+            ["http://127.0.0.1:9", "without choices and routing", "concilium gateway"],
+        ),
     ],
 )
 def test_chat_against_something_that_is_not_a_gateway_is_exit_2(
-    monkeypatch: pytest.MonkeyPatch, response: httpx.Response
+    monkeypatch: pytest.MonkeyPatch, response: httpx.Response, words: list[str]
 ) -> None:
-    monkeypatch.setattr(httpx, "post", lambda *a, **k: response)
-    _refused(["chat", "hi", "--url", "http://127.0.0.1:9"])
+    """Refused by the CLI's own error path (`error: ...`), not by a click usage error."""
+    posted: list[str] = []
+
+    def post(url: str, *a: object, **k: object) -> httpx.Response:
+        posted.append(url)
+        return response
+
+    monkeypatch.setattr(httpx, "post", post)
+    out = _refused(["chat", "hi", "--url", "http://127.0.0.1:9"])
+    assert posted and all(u.startswith("http://127.0.0.1:9") for u in posted)
+    assert out.startswith("error: ") and "Usage:" not in out, out
+    for w in words:
+        assert w in out, (w, out)
 
 
 def test_experts_add_url_with_a_non_json_error_is_exit_2(

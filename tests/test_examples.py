@@ -22,5 +22,9 @@ def test_route_and_answer_example(pack_dir: Path) -> None:
         cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    lines = out.stdout.strip().splitlines()
-    assert "expert=" in lines[-1] and "router=retriever" in lines[-1]
+    *_, answer, routing = out.stdout.strip().splitlines()
+    assert answer == "enots"  # the reverse adapter's answer, not the base's
+    fields = dict(f.split("=", 1) for f in routing.split())
+    assert fields.keys() == {"expert", "router", "confidence", "cost"}
+    assert fields["expert"] == "reverse" and fields["router"] == "retriever"
+    assert 0 < float(fields["confidence"]) <= 1 and float(fields["cost"]) > 0

@@ -62,9 +62,29 @@ def test_max_tokens_and_stop_strings(lm: LocalCausalLM, pack: dict) -> None:  # 
 
 
 def test_sampling_is_seeded(lm: LocalCausalLM, pack: dict) -> None:  # type: ignore[type-arg]
-    msgs = [{"role": "user", "content": "write something: abc"}]
+    # the demo base is unsure of this prompt's answer (most are near one-hot even at T = 1.5)
+    msgs = [{"role": "user", "content": "x: y"}]
     p = GenParams(max_tokens=12, temperature=1.5, seed=7)
     assert lm.generate(msgs, p).text == lm.generate(msgs, p).text
+    greedy = lm.generate(msgs, GenParams(max_tokens=12)).text
+    sampled = [
+        lm.generate(msgs, GenParams(max_tokens=12, temperature=1.5, seed=s)).text for s in range(5)
+    ]
+    assert len(set(sampled)) >= 2, sampled  # the seed changes the draw
+    assert any(t != greedy for t in sampled), (greedy, sampled)  # it is not argmax
+
+
+def test_top_p_samples_only_inside_the_nucleus() -> None:
+    import torch
+
+    from concilium.experts.decode import Row
+
+    probs = torch.tensor([0.3, 0.25, 0.2, 0.15, 0.1])  # top_p 0.5: the nucleus is {0, 1}
+    drawn = set()
+    for seed in range(200):
+        row = Row(GenParams(temperature=1.0, top_p=0.5, seed=seed), None, 4, frozenset())
+        drawn.add(row._sample(probs.log()))
+    assert drawn == {0, 1}  # never outside the nucleus, and not only its most likely token
 
 
 def test_lru_evicts_and_reloads(pack: dict) -> None:  # type: ignore[type-arg]
@@ -116,7 +136,10 @@ def test_stream_stops_when_the_consumer_goes_away(lm: LocalCausalLM, pack: dict)
     assert len(pieces) == 1 and gen.completion_tokens == 1
 
 
-def test_mixture_engine_matches_peft_logits_and_text(pack: dict) -> None:  # type: ignore[type-arg]
+def test_mixture_engine_matches_peft_logits_and_text(
+    pack: dict,  # type: ignore[type-arg]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Our MoE-LoRA mixed batch and PEFT's adapter_names batch agree row for row."""
     import torch
 
@@ -135,8 +158,40 @@ def test_mixture_engine_matches_peft_logits_and_text(pack: dict) -> None:  # typ
         for e in experts
         for a in (e["name"], None)
     ]
-    texts = {e: [g.text for g in lm.generate_batch(reqs)] for e, lm in lms.items()}
+    # two different engines: our bank of stacked adapters, and PEFT's wrapped model
+    from peft import PeftModel
+
+    assert lms["mixture"].engine == "mixture" and lms["peft"].engine == "peft"
+    assert lms["mixture"].bank is not None and lms["peft"].bank is None
+    assert lms["mixture"].bank.weights.keys() == {e["name"] for e in experts}
+    assert isinstance(lms["peft"].model, PeftModel)
+    assert not isinstance(lms["mixture"].model, PeftModel)
+    from concilium.experts.moe.lora_mixture import LoRAMixture
+
+    bank = lms["mixture"].bank
+    row_sets: list[list[object]] = []
+    set_rows, mixture_forward = bank.set_rows, LoRAMixture.forward
+    applied = dict.fromkeys(lms, 0)  # LoRA applications through our stacked-adapter kernels
+    engine = ["mixture"]
+
+    def spy_set_rows(adapters: list[object]) -> None:
+        row_sets.append(list(adapters))
+        set_rows(adapters)
+
+    def spy_forward(self: LoRAMixture, *a: object, **kw: object) -> object:
+        applied[engine[0]] += 1
+        return mixture_forward(self, *a, **kw)
+
+    bank.set_rows = spy_set_rows
+    monkeypatch.setattr(LoRAMixture, "forward", spy_forward)
+    texts = {}
+    for e, lm in lms.items():
+        engine[0] = e
+        texts[e] = [g.text for g in lm.generate_batch(reqs)]
     assert texts["mixture"] == texts["peft"]
+    # the mixture engine decoded the batch through its bank (one row set for the whole batch)
+    assert row_sets == [[r.adapter for r in reqs]]
+    assert applied["mixture"] > 0 and applied["peft"] == 0
     tok = lms["peft"].tokenizer
     ids = tok(["Reverse this word: abc"], return_tensors="pt")["input_ids"]
     logits = {}

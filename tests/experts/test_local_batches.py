@@ -48,7 +48,7 @@ def test_a_short_row_beside_a_long_prompt_gets_its_own_token_budget(
 
 
 def test_one_bad_request_in_a_batch_fails_only_itself(
-    pack_dir: Path, query: list[dict[str, str]]
+    pack_dir: Path, query: list[dict[str, str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     base = str(pack_dir.absolute() / "base")
     adapter = str(pack_dir.absolute() / "adapters" / SKILL)
@@ -70,8 +70,21 @@ def test_one_bad_request_in_a_batch_fails_only_itself(
         finally:
             await pool.aclose()
 
+    batches: list[list[str | None]] = []  # each decode's rows, by adapter
+    generate_batch = LocalCausalLM.generate_batch
+
+    def spy(self: LocalCausalLM, requests: Sequence[GenRequest]) -> list[Any]:
+        batches.append([r.adapter for r in requests])
+        return generate_batch(self, requests)
+
+    monkeypatch.setattr(LocalCausalLM, "generate_batch", spy)
     with no_hang(120, "the pool"):
         ok, long_err, gate_err = asyncio.run(go())
+    # the warm-up, then one batch of all three (it fails), then each row again on its own
+    assert [len(b) for b in batches] == [1, 3, 1, 1, 1], batches
+    assert sorted(map(str, batches[1])) == sorted(map(str, [SKILL, None, None]))
+    assert sorted(str(a) for b in batches[2:] for a in b) == sorted(map(str, batches[1]))
+    monkeypatch.undo()
     assert isinstance(long_err, InvalidInput) and "exceeds the context" in str(long_err)
     assert isinstance(gate_err, InvalidInput) and "no phatgoose gate" in str(gate_err)
     lm = LocalCausalLM(Path(base), max_adapters=1)
@@ -202,21 +215,23 @@ def test_every_eos_id_of_the_generation_config_ends_a_row() -> None:
 
 def test_closing_the_pools_local_stream_stops_the_decode(monkeypatch: pytest.MonkeyPatch) -> None:
     """The pool's chat_stream closes the decode it wraps at once (not when collected)."""
-    import threading
-    import time
-
     from concilium.experts.base import Generation, GenParams, Target
     from concilium.experts.pool import ExpertPool
 
     stopped = threading.Event()
+    resume = threading.Event()  # the decode holds after its first token until the close began
     steps = [0]
+    after_resume = [0]  # tokens the consumer accepted once the close was under way
 
     class SlowLM:
         def generate_stream(self, request: object, emit: object) -> Generation:
             while emit("x"):  # type: ignore[operator]
                 steps[0] += 1
-                time.sleep(0.005)
-                if steps[0] > 2000:
+                if resume.is_set():
+                    after_resume[0] += 1
+                    if after_resume[0] > 200:  # never told to stop: fail, not hang
+                        break
+                elif not resume.wait(30):
                     break
             stopped.set()
             return Generation(text="", prompt_tokens=0, completion_tokens=0, finish_reason="stop")
@@ -231,9 +246,14 @@ def test_closing_the_pools_local_stream_stops_the_decode(monkeypatch: pytest.Mon
         target = Target(expert="m", kind="model", model="m", model_path="-")
         stream = pool.chat_stream(target, [{"role": "user", "content": "hi"}], GenParams())
         await anext(stream)
-        await stream.aclose()
+        closing = asyncio.create_task(stream.aclose())
+        await asyncio.sleep(0)  # aclose runs until it awaits the decode: the stop is signalled
+        resume.set()
+        await closing
         assert stopped.is_set()  # the decode was told to stop before aclose returned
         await pool.aclose()
 
-    asyncio.run(go())
-    assert steps[0] < 100
+    with no_hang(60, "the closed stream"):
+        asyncio.run(go())
+    # the first emit after the close already said stop: not one more token was decoded
+    assert (steps[0], after_resume[0]) == (1, 0)

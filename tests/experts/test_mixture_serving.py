@@ -192,6 +192,31 @@ def test_gates_trained_at_registration_serve_a_phatgoose_mixture(
     recs = [reg.register(_spec(pack["dir"], s, n_examples=4)) for s in ("reverse", "rotate")]
     assert reg.wait_for_gates(timeout=120)
     recs = [reg.get(r.name) for r in recs]
+    # the stored gates are the ones training on each adapter's own examples gives (same seed)
+    from safetensors.torch import load_file, save_file
+
+    from concilium.experts.moe.lora_gates import PhatgooseTrainer
+
+    trainer = PhatgooseTrainer(steps=2)
+    ours = []
+    for r in recs:
+        stored = load_file(str(reg.router_artifact(r, "phatgoose")))
+        examples = [
+            (e["prompt"], e["completion"]) for e in _spec(pack["dir"], r.name, 4)["train_examples"]
+        ]
+        want = {
+            m: torch.from_numpy(g)
+            for m, g in trainer(
+                pack["dir"] / "base", pack["dir"] / "adapters" / r.name, examples
+            ).items()
+        }
+        assert stored.keys() == want.keys()
+        for m, g in want.items():
+            torch.testing.assert_close(stored[m], g, atol=1e-6, rtol=1e-5, msg=m)
+        assert any(bool(g.abs().max() > 0) for g in want.values())  # trained off the zero init
+        save_file(want, str(tmp_path / f"ours-{r.name}.safetensors"))
+        ours.append(str(tmp_path / f"ours-{r.name}.safetensors"))
+    served = {}
     for router in ("phatgoose", "arrow"):
         tr = TokenRoutingParams(
             router,
@@ -202,3 +227,15 @@ def test_gates_trained_at_registration_serve_a_phatgoose_mixture(
         )
         g = lm.generate(_msgs(pack, "reverse"), GenParams(max_tokens=12, token_routing=tr))
         _check_summary(g, ("reverse", "rotate"), router)
+        served[router] = g
+    # serving the registry's gate files routes exactly as serving the freshly trained gates
+    tr = TokenRoutingParams(
+        "phatgoose",
+        2,
+        tuple((r.name, str(reg.runtime_path(r))) for r in recs),
+        prior=(2.0, 0.0),
+        vectors=tuple(ours),
+    )
+    g = lm.generate(_msgs(pack, "reverse"), GenParams(max_tokens=12, token_routing=tr))
+    assert g.text == served["phatgoose"].text
+    _same_summary(g, served["phatgoose"])

@@ -78,18 +78,10 @@ class Trickle(httpx.AsyncByteStream):
 
 def test_a_body_that_never_ends_times_out_within_the_timeout_and_is_closed() -> None:
     stream = Trickle(b" ", count=10_000, pause_s=0.01)
-    loop_time: list[float] = []
-
-    async def call(e: RemoteExpert) -> None:
-        t0 = asyncio.get_running_loop().time()
-        try:
-            await e.chat(MSGS, GenParams())
-        finally:
-            loop_time.append(asyncio.get_running_loop().time() - t0)
-
+    # run's no_hang fails a body that is never cut; the count bounds how much of it was read
     with pytest.raises(ExpertTimeout, match="timed out"):
-        run(lambda r: httpx.Response(200, stream=stream), call)
-    assert loop_time[0] < 2.0 and stream.closed
+        run(lambda r: httpx.Response(200, stream=stream), lambda e: e.chat(MSGS, GenParams()))
+    assert stream.closed and 0 < stream.sent < 200
 
 
 def test_an_answer_that_never_comes_times_out() -> None:

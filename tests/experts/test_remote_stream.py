@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -179,11 +178,10 @@ def test_an_endpoint_that_ignores_stream_true_is_read_as_one_piece() -> None:
 
 def test_a_trickling_stream_times_out_within_the_whole_exchange_limit_and_is_closed() -> None:
     body = Pieces([b": ping\n\n"] * 10_000, pause_s=0.01)
-    t0 = time.monotonic()
+    # collect's no_hang fails a stream that is never cut; the count bounds how much was read
     with pytest.raises(ExpertTimeout, match=r"timed out after 0\.5 s"):
         collect(lambda r: httpx.Response(200, headers=SSE, stream=body))
     assert body.closed and body.sent < 200
-    assert time.monotonic() - t0 < 3.0
 
 
 def test_a_line_or_a_stream_over_the_caps_is_refused_unbuffered(

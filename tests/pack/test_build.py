@@ -91,7 +91,9 @@ def test_quick_build_loads_with_plain_transformers_and_peft(quick_pack: Path) ->
         [{"role": "user", "content": "Reverse this word: abc"}], add_generation_prompt=True
     )
     out = peft.generate(**_as_batch(ids), max_new_tokens=3, do_sample=False)
-    assert out.shape[1] <= len(_input_ids(ids)) + 3
+    prompt = _input_ids(ids)
+    assert out[0, : len(prompt)].tolist() == prompt  # the prompt, then what it generated
+    assert len(prompt) < out.shape[1] <= len(prompt) + 3  # at least one new token
     cfg = json.loads((quick_pack / "adapters" / "reverse" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 8
 

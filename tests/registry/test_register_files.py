@@ -59,10 +59,32 @@ def test_lora_registration_builds_arrow_prototypes_and_leaves_others_alone(
     assert reg.token_routing(reg.get("tiny")) == {}
     other = tmp_path / "other"
     shutil.copytree(tiny_moe.lora_dir, other)
-    reg.register({"kind": "lora", "name": "ad2", "base": "tiny", "path": str(other)})
+    from safetensors.numpy import load_file, save_file
+
+    # a different adapter on the same base: its B weights rescaled element-wise, so its
+    # content (artifact) and its prototypes (directions of B @ A) both differ from the first's
+    weights = other / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    rng = np.random.default_rng(0)
+    bs = [k for k in tensors if "lora_B" in k]
+    assert bs
+    for k in bs:
+        tensors[k] = (tensors[k] * rng.uniform(0.2, 3.0, tensors[k].shape)).astype(tensors[k].dtype)
+    save_file(tensors, str(weights))
+    second = reg.register({"kind": "lora", "name": "ad2", "base": "tiny", "path": str(other)})
+    assert second.artifacts["adapter"] != first.artifacts["adapter"]
+    assert second.artifacts["arrow"] != first.artifacts["arrow"]
+    # the first adapter's record is untouched: same artifacts, same row version, and no write
+    # at all after the second adapter's own (a rewrite of it would bump the registry version)
+    assert reg.version() == second.version == first.version + 1
+    assert reg.get("ad") == first
+    assert reg.get("ad").artifacts == first.artifacts and reg.get("ad").version == first.version
     after = reg.token_routing(reg.get("ad"))
     assert after.keys() == protos.keys()
     assert all(np.array_equal(after[k], protos[k]) for k in protos)
+    theirs = reg.token_routing(second)
+    assert theirs.keys() == protos.keys()
+    assert any(not np.allclose(np.abs(theirs[k]), np.abs(protos[k]), atol=1e-4) for k in protos)
 
 
 def test_rejected_adapter_leaves_registry_and_store_unchanged(

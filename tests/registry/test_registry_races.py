@@ -61,11 +61,15 @@ def test_a_path_naming_an_unknown_users_home_is_a_spec_error(tmp_path: Path) -> 
     assert reg.version() == 0
 
 
+@pytest.mark.parametrize("when", ["open", "close"])
 def test_a_source_changed_between_hash_and_copy_cannot_poison_its_content_name(
-    tmp_path: Path, tiny_moe: TinyMoe, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tiny_moe: TinyMoe, monkeypatch: pytest.MonkeyPatch, when: str
 ) -> None:
     """put_files hashed the source, then copied it again: a file swapped in between was stored
-    under the other content's name, and a later registration of that content got it instead."""
+    under the other content's name, and a later registration of that content got it instead.
+    The source is rewritten in place either as the store first opens it (before reading) or
+    when it closes that first handle (after one full read): whichever pass reads it, the
+    artifact must be named by the bytes it holds."""
     reg = tiny_registry(tmp_path / "home", tiny_moe)
     good = Path(shutil.copytree(tiny_moe.lora_dir, tmp_path / "good"))
     other = Path(shutil.copytree(tiny_moe.lora_dir, tmp_path / "other"))
@@ -73,20 +77,64 @@ def test_a_source_changed_between_hash_and_copy_cannot_poison_its_content_name(
 
     tensors = {k: v * 2 for k, v in load((other / WEIGHTS).read_bytes()).items()}
     save_file(tensors, other / WEIGHTS)
-    real_digest = getattr(artifacts_mod, "_file_digest", None)
+    assert (other / WEIGHTS).read_bytes() != (good / WEIGHTS).read_bytes()
+    good_bytes = (good / WEIGHTS).read_bytes()
+    real_open = artifacts_mod.open_regular
+    swapped: list[Path] = []
 
-    def digest_then_swap(path: Path) -> str:
-        assert real_digest is not None
-        got: str = real_digest(path)
-        if path.name == WEIGHTS and path.parent == good:
-            shutil.copyfile(other / WEIGHTS, path)  # the registrant swaps it after hashing
-        return got
+    def swap() -> None:  # a racing registrant rewrites the file in place
+        shutil.copyfile(other / WEIGHTS, good / WEIGHTS)
+        swapped.append(good / WEIGHTS)
 
-    # the separate hashing pass the store used to make (gone: it now hashes what it copies)
-    monkeypatch.setattr(artifacts_mod, "_file_digest", digest_then_swap, raising=False)
+    class SwapOnClose:
+        """The first handle on the source weights; closing it (the store has read the file
+        once) rewrites the file."""
+
+        def __init__(self, f: Any) -> None:
+            self._f = f
+
+        def read(self, *args: Any) -> bytes:
+            data: bytes = self._f.read(*args)
+            return data
+
+        def close(self) -> None:
+            self._f.close()
+            if not swapped:
+                swap()
+
+        def __enter__(self) -> SwapOnClose:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.close()
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._f, name)
+
+    def open_then_swap(path: Path, label: str) -> Any:
+        f = real_open(path, label)
+        if Path(path) != good / WEIGHTS or swapped:
+            return f
+        if when == "close":
+            return SwapOnClose(f)
+        swap()  # same inode, so the handle just opened reads the new bytes
+        return f
+
+    # every read the store makes of a source goes through open_regular
+    monkeypatch.setattr(artifacts_mod, "open_regular", open_then_swap)
     rec = reg.register(_lora("ad", good))
+    assert swapped == [good / WEIGHTS], "the race was never staged"
+    assert (good / WEIGHTS).read_bytes() == (other / WEIGHTS).read_bytes()
     stored = reg.runtime_path(rec)
-    assert stored is not None and stored.name == _dir_digest(stored)
+    assert stored is not None and rec.artifacts["adapter"] == stored.name
+    assert stored.name == _dir_digest(stored)  # named by what it holds
+    held = good_bytes if when == "close" else (other / WEIGHTS).read_bytes()
+    assert (stored / WEIGHTS).read_bytes() == held  # what the copying handle read
+    rec2 = reg.register(_lora("ad2", other))
+    stored2 = reg.runtime_path(rec2)
+    assert stored2 is not None and rec2.artifacts["adapter"] == stored2.name
+    assert (stored2 / WEIGHTS).read_bytes() == (other / WEIGHTS).read_bytes()
+    assert (stored / WEIGHTS).read_bytes() == held
 
 
 def test_a_source_swapped_for_a_fifo_after_validation_does_not_hang(

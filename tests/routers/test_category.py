@@ -47,4 +47,6 @@ def test_generalist_outside_candidates_is_not_used() -> None:
     r = build_router({"kind": "category", "generalist": "general", "threshold": 0.99})
     q = Query("zebra quantum", np.asarray(ENC.encode(["reverse the word"])[0]))
     d = r.route(q, CANDS[:3])
-    assert d.expert in {"adder", "adder-big", "rev"}
+    # the query embeds as one of rev's pilots: its category and then rev, not the first candidate
+    assert d.expert == "rev" and d.experts == ("rev",)
+    assert d.extra["category"] == "strings" and "generalist" not in d.reason

@@ -122,14 +122,24 @@ def test_bad_shapes_and_unknown_backend_are_rejected() -> None:
 
 
 @pytest.mark.parametrize("t", [1, 5, 64])
-def test_grouped_mm_aligned_path(t: int) -> None:
+def test_grouped_mm_aligned_path(monkeypatch: pytest.MonkeyPatch, t: int) -> None:
     """D = 32 is 16-byte aligned, so `grouped_mm` really calls torch._grouped_mm here."""
+    calls: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    real_grouped_mm = torch._grouped_mm
+
+    def recording(a: torch.Tensor, b: torch.Tensor, *args: object, **kw: object) -> torch.Tensor:
+        calls.append((tuple(a.shape), tuple(b.shape)))
+        return real_grouped_mm(a, b, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch, "_grouped_mm", recording)
     g = torch.Generator().manual_seed(6)
     x, w13, w2 = torch.randn(t, 32, generator=g), torch.randn(8, 48, 32), torch.randn(8, 32, 24)
     idxs, weights = torch.randint(0, 7, (t, 2), generator=g), torch.rand(t, 2, generator=g)
     with torch.no_grad():
         got = get_backend("grouped_mm")(x, w13, w2, weights, idxs)
     torch.testing.assert_close(got, reference_moe(x, w13, w2, weights, idxs), atol=1e-4, rtol=1e-4)
+    # one call per projection over all T*K slots: w13 [E, 2H, D] then w2 [E, D, H], transposed
+    assert calls == [((2 * t, 32), (8, 32, 48)), ((2 * t, 24), (8, 24, 32))]
 
 
 @pytest.mark.parametrize("backend", ["grouped", "decode", "auto"])

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import event, given
+from hypothesis import event, given, reject, settings
 from hypothesis import strategies as st
 
 from concilium.errors import AdapterRejected
@@ -215,11 +215,17 @@ def test_parser_on_empty_tensors_with_odd_shapes(scratch: Path, data: bytes) -> 
     check_file(scratch, data, MODEL_DTYPES)
 
 
-@FUZZ
+# names the library can write: any text but lone surrogates (it cannot encode those)
+WRITABLE = st.text(st.characters(exclude_categories=("Cs",)), max_size=8)
+
+
+# as many examples reach the assertions as FUZZ's 150 did when half were unwritable
+@settings(FUZZ, max_examples=90)
 @given(
-    shapes=st.dictionaries(TEXT, st.lists(st.integers(0, 4), max_size=3), max_size=4),
+    shapes=st.dictionaries(WRITABLE, st.lists(st.integers(0, 4), max_size=3), max_size=4),
     dtype=TORCH_SAMPLES,
-    metadata=st.none() | st.dictionaries(TEXT, TEXT, max_size=2),
+    # not {}: safetensors 0.8 writes invalid JSON for ({}, metadata={})
+    metadata=st.none() | st.dictionaries(WRITABLE, WRITABLE, min_size=1, max_size=2),
     cut=st.integers(0, 10_000),
     extra=st.binary(min_size=1, max_size=9),
 )
@@ -234,12 +240,12 @@ def test_library_written_files_accepted_and_their_truncations_refused(
     from safetensors.torch import load, save
 
     tensors = {k: torch.zeros(s, dtype=dtype) for k, s in shapes.items()}
-    try:  # names it cannot encode; and safetensors 0.8 writes invalid JSON for ({}, metadata={})
+    try:  # the strategies draw only what the library can write and read back
         data = save(tensors, metadata=metadata)
         load(data)
     except Exception:
         event("not a file the library can read back")
-        return
+        reject()  # counted by hypothesis: a strategy drifting into these fails its health check
     table = check_file(scratch, data)
     assert table == {k: TensorInfo(k, TORCH_DTYPES[dtype], tuple(s)) for k, s in shapes.items()}
     assert isinstance(check_file(scratch, data[: cut % len(data)]), AdapterRejected)
