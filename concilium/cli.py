@@ -302,14 +302,24 @@ def route(
     as_json: bool = JsonOpt,
 ) -> None:
     """Show the routing decision for a query (in-process, no expert is called)."""
+    from pydantic import ValidationError
+
     from concilium.orchestrator.objective import Objective
     from concilium.orchestrator.schemas import RoutingOptions
     from concilium.orchestrator.service import build_service
 
+    try:  # checked before any model loads
+        opts = RoutingOptions(max_cost=max_cost, max_latency_ms=max_latency_ms)
+    except ValidationError as e:
+        _fail(
+            "; ".join(
+                f"--{'-'.join(map(str, x['loc'])).replace('_', '-')}: {x['msg']}"
+                for x in e.errors()
+            )
+        )
     cfg = _config(config, home=home)
     try:
         svc = build_service(cfg, seed=False)
-        opts = RoutingOptions(max_cost=max_cost, max_latency_ms=max_latency_ms)
         routed = svc.orchestrator.route(
             query,
             model=f"router-{router}" if router else "auto",

@@ -279,13 +279,13 @@ class ServiceConfig(BaseModel):
 
     def admin_key(self) -> str | None:
         """The admin key (env wins); an empty one is no key, never a key everyone has."""
-        key = os.environ.get("CONCILIUM_ADMIN_KEY") or self.admin_api_key or ""
-        return key.strip() or None
+        env = (os.environ.get("CONCILIUM_ADMIN_KEY") or "").strip()
+        return env or (self.admin_api_key or "").strip() or None  # a blank env hides nothing
 
     def user_keys(self) -> list[str]:
         """Keys accepted for inference (env CONCILIUM_API_KEYS, comma-separated, wins)."""
-        env = os.environ.get("CONCILIUM_API_KEYS")
-        keys = [k.strip() for k in env.split(",")] if env else list(self.api_keys)
+        env = [k.strip() for k in (os.environ.get("CONCILIUM_API_KEYS") or "").split(",")]
+        keys = [k for k in env if k] or [k.strip() for k in self.api_keys]  # blank env: config's
         return [k for k in keys if k]
 
 

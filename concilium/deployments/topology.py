@@ -78,9 +78,12 @@ def deploy_expert_app(
 
 
 def expert_apps(name: str) -> list[str]:
-    """The Serve applications of late-registered model expert `name` (normally at most one)."""
+    """The Serve applications of late-registered model expert `name` (normally at most one),
+    including one named the way releases before per-weights names did (``expert-<name>-<digest>``,
+    still running after an upgrade in place)."""
     prefix = _app_prefix(name)
-    return sorted(a for a in serve.status().applications if a.startswith(prefix))
+    old = prefix[:-1]
+    return sorted(a for a in serve.status().applications if a.startswith(prefix) or a == old)
 
 
 def delete_expert_app(name: str) -> bool:

@@ -279,10 +279,11 @@ class _BodyLimit:
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length", b"0")
-        seen = [int(declared) if declared.isdigit() else 0]
+        too_big = declared.isdigit() and int(declared) > self.max_bytes  # refused unread
+        seen = [0]  # what arrived: a declared length is no byte of the body
 
         async def limited() -> Any:
-            if seen[0] > self.max_bytes:
+            if too_big:
                 raise StarletteHTTPException(413, f"request body over {self.max_bytes} bytes")
             message = await receive()
             seen[0] += len(message.get("body", b"")) if message["type"] == "http.request" else 0

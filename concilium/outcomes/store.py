@@ -44,6 +44,9 @@ CREATE TABLE IF NOT EXISTS outcomes (
     source TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS outcomes_labelled ON outcomes (quality) WHERE quality IS NOT NULL;
+-- the rows max_rows bounds, oldest first: counted and trimmed on every flush without a scan
+CREATE INDEX IF NOT EXISTS outcomes_pending ON outcomes (ts)
+    WHERE quality IS NULL AND source = 'live';
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta VALUES ('version', 0);
 """

@@ -211,9 +211,12 @@ def test_applications_are_per_weights_and_deleted_together(
     a2 = topology.app_name_for("late", "/models/v2")
     other = topology.app_name_for("late-2", "/models/v1")
     assert len({a1, a2, other}) == 3
-    fake = _Serve({a1: "RUNNING", a2: "RUNNING", other: "RUNNING", "concilium": "RUNNING"})
+    legacy = a1.rsplit("-", 1)[0]  # the per-name application of earlier releases
+    fake = _Serve(
+        {a1: "RUNNING", a2: "RUNNING", legacy: "RUNNING", other: "RUNNING", "concilium": "RUNNING"}
+    )
     monkeypatch.setattr(topology, "serve", fake)
-    assert topology.expert_apps("late") == sorted([a1, a2])
+    assert topology.expert_apps("late") == sorted([a1, a2, legacy])
     assert topology.delete_expert_app("late")
     assert set(fake.apps) == {other, "concilium"}
     assert not topology.delete_expert_app("late")

@@ -111,7 +111,7 @@ def test_stream_past_its_deadline_before_the_first_piece_is_a_504(
 class StallsAfterFirstPiece(FakeBackend):
     """Streams one piece at once, then stalls for `stall_s` (recording a cancel) before the rest."""
 
-    stall_s = 5.0
+    stall_s = 60.0  # far past any deadline below: only the deadline ends it
 
     async def chat_stream(  # type: ignore[override]
         self, target: Target, messages: list[Message], params: GenParams
@@ -144,14 +144,14 @@ def test_stream_past_its_deadline_midway_ends_with_an_error_event(
     stalling: tuple[TestClient, StallsAfterFirstPiece],
 ) -> None:
     client, backend = stalling
-    # 1 s, not 50 ms: the deadline counts the routing step too, which a loaded machine slows
-    payload = body("reverse the word", stream=True, model="reverse", routing={"deadline_ms": 1000})
+    # 3 s, not 50 ms: the deadline counts the routing step too, which a loaded machine slows
+    payload = body("reverse the word", stream=True, model="reverse", routing={"deadline_ms": 3000})
     code, data = sse(client, payload)
     assert code == 200 and data[-1] != "[DONE]", data
     pieces = [json.loads(d)["choices"][0]["delta"].get("content") for d in data[:-1]]
     assert pieces == ["", "rev"]  # the role chunk, the first piece, then nothing more
     err = json.loads(data[-1])["error"]
-    assert err["type"] == "ExpertTimeout" and "1000 ms" in err["message"], err
+    assert err["type"] == "ExpertTimeout" and "3000 ms" in err["message"], err
     assert backend.cancelled == ["reverse"]  # the stalled expert's work was cancelled
 
 
@@ -160,7 +160,7 @@ def test_stream_deadline_error_event_names_the_field(
 ) -> None:
     """Like the 504 before the first piece, the error event after it names the field."""
     client, _ = stalling
-    payload = body("reverse the word", stream=True, model="reverse", routing={"deadline_ms": 1000})
+    payload = body("reverse the word", stream=True, model="reverse", routing={"deadline_ms": 3000})
     _, data = sse(client, payload)
     assert json.loads(data[-1])["error"].get("param") == "routing.deadline_ms", data[-1]
 

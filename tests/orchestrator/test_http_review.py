@@ -3,6 +3,7 @@ the `param` of a union field's error, the bearer scheme, and metrics that surviv
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,20 @@ def test_an_empty_admin_key_is_no_key(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert load_config(None, home=tmp_path, admin_api_key="  ").admin_key() is None
 
 
+def test_a_blank_env_key_does_not_hide_the_configured_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A blank CONCILIUM_ADMIN_KEY / CONCILIUM_API_KEYS used to win over the config's keys and
+    then count as none: registration and inference opened on loopback."""
+    monkeypatch.setenv("CONCILIUM_ADMIN_KEY", "  ")
+    monkeypatch.setenv("CONCILIUM_API_KEYS", " , ")
+    cfg = load_config(None, home=tmp_path, admin_api_key="s3cret", api_keys=["u1"])
+    assert cfg.admin_key() == "s3cret" and cfg.user_keys() == ["u1"]
+    monkeypatch.setenv("CONCILIUM_ADMIN_KEY", "env-key")
+    monkeypatch.setenv("CONCILIUM_API_KEYS", "u2, u3")
+    assert cfg.admin_key() == "env-key" and cfg.user_keys() == ["u2", "u3"]
+
+
 class OddUsageBackend(FakeBackend):
     """A remote that reports a negative token count in its usage."""
 
@@ -195,3 +210,19 @@ def test_a_body_over_the_limit_is_413_in_the_error_envelope(
         assert r.status_code == 413, r.text
         assert chat(c).status_code == 200
     assert backend.calls[-1][1][-1]["content"] == MESSAGES[0]["content"]
+
+
+def test_a_body_just_under_the_limit_is_accepted(tmp_path: Path, backend: FakeBackend) -> None:
+    """The declared length and the bytes that arrive are one body, not two (counted once)."""
+    limit = int(0.001 * 1024**2)
+    msg = [{"role": "user", "content": "please reverse the word planet "}]
+    body = json.dumps({"messages": msg}).encode()
+    pad = limit - len(body) - 64  # a body of about 0.94 of the limit, with content-length
+    msg[0]["content"] += "x" * pad
+    body = json.dumps({"messages": msg}).encode()
+    assert 0.9 * limit < len(body) <= limit
+    with big_client(tmp_path, backend) as c:
+        r = c.post(
+            "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+        )
+        assert r.status_code == 200, r.text
