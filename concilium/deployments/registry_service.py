@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from concilium.registry.store import AnySpec, ExpertRecord
 log = logging.getLogger(__name__)
 # longer than a gateway's catalogue refresh (ServiceConfig.refresh_s, 0.2 s by default)
 DELETE_GRACE_S = 1.0
+START_BACKOFF_S = 10.0  # after a failed start of a late model, before the next try
 
 
 def profile_once(spec: AnySpec, runtime_dir: Path | None) -> dict[str, float]:
@@ -65,6 +67,7 @@ class RegistryService:
         self.registry = open_registry(cfg, profiler=profile_once)
         self._deployment, self._home = cfg.deployment, str(cfg.home)
         self._app_locks: dict[str, asyncio.Lock] = {}  # per model: its start and its delete
+        self._failed_at: dict[tuple[str, str], float] = {}  # (model, weights) -> last failure
         pending = self.registry.train_pending_gates()
         if pending:
             log.info("resuming PHATGOOSE gates of %s", pending)
@@ -81,7 +84,20 @@ class RegistryService:
                 raise ExpertUnavailable(
                     f"model {name!r} is no longer registered with weights {path}"
                 )
-            await asyncio.to_thread(deploy_expert_app, name, path, self._deployment, self._home)
+            failed = self._failed_at.get((name, path))
+            wait = 0.0 if failed is None else failed + START_BACKOFF_S - time.monotonic()
+            if wait > 0:  # a start that just failed is not retried by every request behind it
+                raise ExpertUnavailable(
+                    f"model {name!r}: its ExpertServer failed to start {START_BACKOFF_S - wait:.0f}"
+                    " s ago; retrying after a back-off",
+                    retry_after_s=wait,
+                )
+            try:
+                await asyncio.to_thread(deploy_expert_app, name, path, self._deployment, self._home)
+            except Exception:
+                self._failed_at[(name, path)] = time.monotonic()
+                raise
+            self._failed_at.pop((name, path), None)
 
     def _app_lock(self, name: str) -> asyncio.Lock:
         return self._app_locks.setdefault(name, asyncio.Lock())

@@ -306,7 +306,7 @@ def test_the_registry_service_serialises_a_late_start_with_its_delete(
     monkeypatch.setattr(rs, "deploy_expert_app", lambda *a: events.append("deploy"))
     svc = object.__new__(rs.RegistryService.func_or_class)
     svc.registry = SimpleNamespace(get=get, remove=remove)
-    svc._deployment, svc._home, svc._app_locks = DeploymentConfig(), None, {}
+    svc._deployment, svc._home, svc._app_locks, svc._failed_at = DeploymentConfig(), None, {}, {}
 
     async def main() -> list[Any]:
         return await asyncio.gather(
@@ -319,3 +319,35 @@ def test_the_registry_service_serialises_a_late_start_with_its_delete(
     rows["m"] = "/models/m"
     asyncio.run(svc.ensure_app("m", "/models/m"))
     assert events[-1] == "deploy"
+
+
+def test_a_late_start_that_failed_is_retried_after_a_back_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from types import SimpleNamespace
+
+    from concilium.deployments import registry_service as rs
+
+    starts: list[str] = []
+
+    def deploy(*_: Any) -> None:
+        starts.append("start")
+        if len(starts) == 1:
+            raise RuntimeError("bad weights")
+
+    clock = [100.0]
+    monkeypatch.setattr(rs.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(rs, "deploy_expert_app", deploy)
+    spec = SimpleNamespace(spec=SimpleNamespace(kind="model", path="/models/m"))
+    svc = object.__new__(rs.RegistryService.func_or_class)
+    svc.registry = SimpleNamespace(get=lambda name: spec)
+    svc._deployment, svc._home, svc._app_locks, svc._failed_at = DeploymentConfig(), None, {}, {}
+    with pytest.raises(RuntimeError, match="bad weights"):
+        asyncio.run(svc.ensure_app("m", "/models/m"))
+    clock[0] += 3
+    with pytest.raises(ExpertUnavailable, match="back-off") as info:
+        asyncio.run(svc.ensure_app("m", "/models/m"))  # not started again at once
+    assert starts == ["start"] and info.value.retry_after_s == pytest.approx(7.0)
+    clock[0] += rs.START_BACKOFF_S
+    asyncio.run(svc.ensure_app("m", "/models/m"))
+    assert starts == ["start", "start"]
