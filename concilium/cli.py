@@ -160,12 +160,16 @@ def _spec_input(
 def _post_expert(url: str, data: dict[str, Any], key: str | None) -> dict[str, Any]:
     import httpx
 
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers = _admin_headers(key)
     try:
         r = httpx.post(url.rstrip("/") + "/v1/experts", json=data, headers=headers, timeout=120)
     except (httpx.HTTPError, httpx.InvalidURL) as e:
         _fail(f"cannot reach {url}: {e}")
     return _answer_json(r, url)
+
+
+def _admin_headers(key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def _answer_json(r: Any, url: str) -> dict[str, Any]:
@@ -254,7 +258,7 @@ def _delete_expert(url: str, name: str, key: str | None) -> int:
 
     import httpx
 
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers = _admin_headers(key)
     target = url.rstrip("/") + "/v1/experts/" + quote(name, safe="")
     try:
         r = httpx.delete(target, headers=headers, timeout=300)

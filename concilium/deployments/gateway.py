@@ -114,8 +114,13 @@ class RayBackend:
         return handle.options(multiplexed_model_id=target.adapter or "")
 
     async def _deploy_here(self, name: str, path: str) -> DeploymentHandle:
+        """Start it from this process, only while it is registered with those weights (a request
+        routed before a DELETE must not start it again); the RegistryService checks the same in
+        `ensure_app`, under the lock it shares with DELETE."""
         from concilium.deployments.topology import deploy_expert_app
 
+        if self.registered is not None and await asyncio.to_thread(self.registered, name) != path:
+            raise ExpertUnavailable(f"model {name!r} is no longer registered with weights {path}")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
             self._deployer, deploy_expert_app, name, path, self.deployment, self.home
@@ -125,13 +130,6 @@ class RayBackend:
         """Start (or find) the application of model `name` with weights `path`: through
         `deploy` when set (the RegistryService, which serialises starts and deletes across
         gateway replicas), else from this process."""
-        if self.registered is not None:  # a request routed before a DELETE must not restart it
-            now = await asyncio.to_thread(self.registered, name)
-            if now != path:
-                raise ExpertUnavailable(
-                    f"expert {target.expert!r}: model {name!r} is no longer registered with "
-                    f"weights {path}"
-                )
         task = self._deploying.get((name, path))
         if task is None:
             task = asyncio.ensure_future((self.deploy or self._deploy_here)(name, path))
@@ -237,8 +235,12 @@ class RayBackend:
             out.setdefault(model, Counter())["retries"] += n
         return {m: {k: float(v) for k, v in c.items()} for m, c in out.items()}
 
-    async def aclose(self) -> None:
+    def stop_deploys(self) -> None:
+        """Stop this process's deploy threads (queued starts are dropped)."""
         self._deployer.shutdown(wait=False, cancel_futures=True)
+
+    async def aclose(self) -> None:
+        self.stop_deploys()
         await self.local.aclose()
 
 
@@ -279,9 +281,9 @@ class Gateway:
         outcomes = None if service is None else service.orchestrator.outcomes
         if outcomes is not None:
             outcomes.close()  # idempotent; waits at most a few seconds
-        backend = getattr(self, "backend", None)
+        backend: RayBackend | None = getattr(self, "backend", None)
         if backend is not None:
-            backend._deployer.shutdown(wait=False, cancel_futures=True)
+            backend.stop_deploys()
 
     def __serve_build_asgi_app__(self) -> Any:
         from concilium.orchestrator.http import create_app

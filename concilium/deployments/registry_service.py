@@ -27,10 +27,10 @@ from ray.serve.handle import DeploymentHandle
 from concilium.config import ServiceConfig
 from concilium.deployments.gateway import model_path_of, unwrap_ray_error
 from concilium.deployments.topology import (
-    app_name_for,
     delete_expert_app,
     deploy_expert_app,
     expert_apps,
+    expert_handle,
 )
 from concilium.errors import ExpertUnavailable, RegistryUnavailable
 from concilium.registry.store import AnySpec, ExpertRecord
@@ -144,7 +144,7 @@ class RayRegistrar:
     async def deploy(self, name: str, path: str) -> DeploymentHandle:
         """The handle of late model `name`'s application, started by the RegistryService."""
         await self._call("ensure_app", name, path)
-        return serve.get_deployment_handle(f"expert-{name}", app_name=app_name_for(name, path))
+        return expert_handle(name, path)
 
     async def _call(self, method: str, *args: Any) -> Any:
         try:

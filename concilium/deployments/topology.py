@@ -74,7 +74,12 @@ def deploy_expert_app(
     if status is None:
         log.info("starting ExpertServer application %s for %s", app, model_path)
         serve.run(expert_deployment(name, model_path, dep, home), name=app, route_prefix=None)
-    return serve.get_deployment_handle(f"expert-{name}", app_name=app)
+    return expert_handle(name, model_path)
+
+
+def expert_handle(name: str, model_path: str) -> DeploymentHandle:
+    """The ExpertServer handle of late model `name`'s application for weights `model_path`."""
+    return serve.get_deployment_handle(f"expert-{name}", app_name=app_name_for(name, model_path))
 
 
 def expert_apps(name: str) -> list[str]:
