@@ -20,7 +20,8 @@ from concilium.errors import ConfigError
 from concilium.experts.moe.kernels.decode import decode_moe
 from concilium.experts.moe.kernels.dense import dense_moe
 from concilium.experts.moe.kernels.grouped import grouped_mm_fits, grouped_moe, needs_grad
-from concilium.experts.moe.kernels.onednn import PackCache, PackedExperts
+from concilium.experts.moe.kernels.onednn import FormTuner, PackCache, PackedExperts
+from concilium.experts.moe.kernels.tuning import Tuner
 from concilium.experts.moe.reference import reference_moe, shared_swiglu, split_w13
 
 
@@ -31,8 +32,8 @@ class MoEBackend(ABC):
 
     name: ClassVar[str]
 
-    def __init__(self) -> None:
-        self.packs = PackCache()
+    def __init__(self, tuner: FormTuner | None = None) -> None:
+        self.packs = PackCache(tuner=tuner)  # tuner None: the static forms (see onednn.py)
 
     @abstractmethod
     def __call__(self, x, w13, w2, weights, idxs) -> torch.Tensor: ...
@@ -82,12 +83,16 @@ class AutoBackend(MoEBackend):
     """Picks by measured regime (fp32 CPU here). Tiny work (T·E·3·D·H <= dense_max_macs, e.g. a
     demo-base decode step): `dense`. Small experts (<= small_expert_bytes): `grouped_mm`, the
     fewest ops, since per-op overhead dominates. Large experts: `decode` while the batch is
-    small (T <= decode_max_tokens), `grouped` beyond, both on packed weights."""
+    small (T <= decode_max_tokens), `grouped` beyond, both on packed weights whose form per row
+    count is measured on this machine (`tuning.Tuner`; pass one to share it across layers)."""
 
     name = "auto"
     decode_max_tokens: ClassVar[int] = 4
     small_expert_bytes: ClassVar[int] = 1 << 20
     dense_max_macs: ClassVar[int] = 1 << 23
+
+    def __init__(self, tuner: FormTuner | None = None) -> None:
+        super().__init__(tuner if tuner is not None else Tuner())  # forms measured on this host
 
     def __call__(self, x, w13, w2, weights, idxs) -> torch.Tensor:
         e, h2, d = w13.shape
@@ -114,11 +119,12 @@ MOE_BACKEND_CLS: dict[str, type[MoEBackend]] = {
 }
 
 
-def get_backend(name: str) -> MoEBackend:
-    """The backend called `name`; a ConfigError naming the valid set otherwise."""
+def get_backend(name: str, tuner: FormTuner | None = None) -> MoEBackend:
+    """The backend called `name` (with `tuner` measuring its packed forms; `auto` makes its own
+    when None); a ConfigError naming the valid set otherwise."""
     if name not in MOE_BACKEND_CLS:
         raise ConfigError(f"unknown MoE backend {name!r}; valid: {sorted(MOE_BACKEND_CLS)}")
-    return MOE_BACKEND_CLS[name]()
+    return MOE_BACKEND_CLS[name](tuner)
 
 
 def _param(*shape: int, fan_in: int) -> nn.Parameter:

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from concilium.errors import ConfigError
+from concilium.experts.moe.kernels.onednn import FormTuner
+from concilium.experts.moe.kernels.tuning import Tuner
 from concilium.experts.moe.layer import get_backend
 
 # transformers experts classes with the fused SwiGLU layout this module supports -> family
@@ -37,12 +39,18 @@ class MoEExperts(nn.Module):
     forward(hidden_states [T, D], top_k_index [T, K], top_k_weights [T, K]) -> [T, D]
     """
 
-    def __init__(self, gate_up_proj: nn.Parameter, down_proj: nn.Parameter, backend: str) -> None:
+    def __init__(
+        self,
+        gate_up_proj: nn.Parameter,
+        down_proj: nn.Parameter,
+        backend: str,
+        tuner: FormTuner | None = None,
+    ) -> None:
         super().__init__()
         self.gate_up_proj = gate_up_proj  # [E, 2H, D], the stock parameter itself
         self.down_proj = down_proj  # [E, D, H]
         self.num_experts = gate_up_proj.shape[0]
-        self.backend = get_backend(backend)
+        self.backend = get_backend(backend, tuner)
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -117,10 +125,10 @@ def patch(model: nn.Module, backend: str = "auto") -> PatchReport:
             f"{type(model).__name__} has no supported MoE experts module; supported: "
             f"{sorted(SUPPORTED_EXPERTS)}"
         )
-    swaps = []
+    swaps, tuner = [], Tuner()  # one kernel measurement per layer shape, not per layer
     for _, parent, attr, stock in sites:
         w13, w2 = stock.get_parameter("gate_up_proj"), stock.get_parameter("down_proj")
-        ours = MoEExperts(w13, w2, backend)
+        ours = MoEExperts(w13, w2, backend, tuner)
         setattr(parent, attr, ours)
         swaps.append((parent, attr, stock, ours))
     family = SUPPORTED_EXPERTS[type(sites[0][3]).__name__]

@@ -114,3 +114,11 @@ def test_training_through_the_patched_model_matches_stock_gradients() -> None:
 def test_a_model_without_moe_is_refused() -> None:
     with pytest.raises(ConfigError, match="MixtralExperts"):
         patch(nn.Sequential(nn.Linear(4, 4)))
+
+
+def test_all_layers_of_a_patched_model_share_one_kernel_tuner() -> None:
+    """Every layer has the same shape: one measurement of the packed forms serves them all."""
+    report = patch(tiny("mixtral"))
+    tuners = {id(ours.backend.packs.tuner) for *_, ours in report.swaps}
+    assert len(report.swaps) == 2 and len(tuners) == 1
+    assert report.swaps[0][3].backend.packs.tuner is not None

@@ -79,17 +79,17 @@ def expert_swiglu(
     w2: torch.Tensor,
     packed: PackedExperts | None,
 ) -> torch.Tensor:
-    """Expert e's SwiGLU on x [n, D] -> [n, D] for inference (no autograd), on the oneDNN packs
-    when given, else on plain `mm`."""
-    if packed is None:
-        h = torch.mm(x, w13[e].t())  # [n, 2H]
-        return torch.mm(_swiglu_act(h), w2[e].t())
+    """Expert e's SwiGLU on x [n, D] -> [n, D] for inference (no autograd), in the form the
+    packs give for n rows (see `onednn.Form`), or on plain `mm` without packs."""
     n = x.shape[0]
-    i = packed.pick(n)
-    if 1 < n < packed.min_rows:  # zero rows: faster here than a 2-4-row GEMM (see onednn.py)
-        x = torch.cat([x, x.new_zeros(packed.min_rows - n, x.shape[1])])
-    h = onednn.linear(x.contiguous(), packed.w13[i][e])  # [n', 2H]
-    return onednn.linear(_swiglu_act(h), packed.w2[i][e])[:n]
+    form = packed.form(n) if packed is not None and n > 0 else None
+    if form is not None and n < form.pad:
+        x = torch.cat([x, x.new_zeros(form.pad - n, x.shape[1])])  # [pad, D]
+    if packed is None or form is None or form.pack is None:
+        h = torch.mm(x, w13[e].t())  # [n', 2H]
+        return torch.mm(_swiglu_act(h), w2[e].t())[:n]
+    h = onednn.linear(x.contiguous(), packed.w13[form.pack][e])  # [n', 2H]
+    return onednn.linear(_swiglu_act(h), packed.w2[form.pack][e])[:n]
 
 
 def _swiglu_act(h: torch.Tensor) -> torch.Tensor:

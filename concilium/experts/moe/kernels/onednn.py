@@ -12,11 +12,16 @@ one-row segment uses the hint-1 pack, every larger one the hint-16 pack. The pac
 copies of the expert weights (memory: one per hint; `PackCache(hints=(16,))` keeps one), built
 lazily on the first inference call and rebuilt when a weight changes (storage or autograd
 version counter). Training (grad mode) never uses them.
+
+Which form is fastest for n rows differs between CPUs (on one host here a 2-row pack was 1.3x
+slower than plain `mm`, on another 2-3x faster), so each pack carries a `Form` per row count: the
+static rule below by default, or the forms `tuning.Tuner` measured on this machine for this shape.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -25,6 +30,12 @@ import torch
 # best with 5-6 rows -- so 2-4 rows are padded with zero rows to 5 (exact: the padding rows are
 # computed and dropped; the weights are read once either way).
 MIN_ROWS = 5
+
+
+class FormTuner(Protocol):
+    def forms(
+        self, packed: PackedExperts, w13: torch.Tensor, w2: torch.Tensor
+    ) -> tuple[Form, ...]: ...
 
 
 def available() -> bool:
@@ -43,19 +54,51 @@ def weights_key(*ws: torch.Tensor) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True, slots=True)
+class Form:
+    """How one expert's SwiGLU runs on n rows: on the pack of hint index `pack`, or on the plain
+    weights with `mm` (None); the rows zero-padded to `pad` first when n < pad (exact: the padding
+    rows are computed and dropped, the weights are read once either way)."""
+
+    pack: int | None
+    pad: int = 0
+
+
+def static_forms(hints: tuple[int, ...], min_rows: int = MIN_ROWS) -> tuple[Form, ...]:
+    """The untuned rule, measured on the first host here: one row on the smallest hint's pack (a
+    GEMV), 2..min_rows-1 rows padded to min_rows on the largest, more rows on the largest."""
+    last = len(hints) - 1
+    return (Form(0), *[Form(last, min_rows)] * (min_rows - 2), Form(last))
+
+
+@dataclass(frozen=True, slots=True)
 class PackedExperts:
-    """Per-hint, per-expert oneDNN packs of w13 [E, 2H, D] and w2 [E, D, H]."""
+    """Per-hint, per-expert oneDNN packs of w13 [E, 2H, D] and w2 [E, D, H], and the form of
+    every row count (rows beyond `len(forms)` take the last form)."""
 
     hints: tuple[int, ...]  # ascending batch-size hints
     w13: tuple[tuple[torch.Tensor, ...], ...]  # [hint][E] opaque [2H, D]
     w2: tuple[tuple[torch.Tensor, ...], ...]  # [hint][E] opaque [D, H]
     key: tuple[int, ...]
-    min_rows: int = MIN_ROWS  # a 2..min_rows-1 row GEMM is padded with zero rows to this
+    forms: tuple[Form, ...] = ()  # forms[n - 1]: the form of an n-row GEMM
 
-    def pick(self, rows: int) -> int:
-        """Index of the pack for a `rows`-row GEMM: the smallest hint for one row (a GEMV), the
-        largest otherwise (measured here: hint 16 beats hint 1 from 2 rows up)."""
-        return 0 if rows == 1 else len(self.hints) - 1
+    def form(self, rows: int) -> Form:
+        """The form of a `rows`-row GEMM (rows >= 1)."""
+        if not self.forms:
+            return Form(len(self.hints) - 1)
+        return self.forms[min(rows, len(self.forms)) - 1]
+
+    def with_forms(self, forms: tuple[Form, ...]) -> PackedExperts:
+        """These packs running `forms`, keeping only the hints some form uses: each pack is a
+        full copy of the experts (none is kept when every form is plain `mm`)."""
+        used = sorted({f.pack for f in forms if f.pack is not None})
+        new = {old: i for i, old in enumerate(used)}
+        return PackedExperts(
+            hints=tuple(self.hints[i] for i in used),
+            w13=tuple(self.w13[i] for i in used),
+            w2=tuple(self.w2[i] for i in used),
+            key=self.key,
+            forms=tuple(Form(None if f.pack is None else new[f.pack], f.pad) for f in forms),
+        )
 
 
 def _reorder(ws: torch.Tensor, hint: int) -> tuple[torch.Tensor, ...]:
@@ -72,6 +115,7 @@ def pack(w13: torch.Tensor, w2: torch.Tensor, hints: tuple[int, ...] = (1, 16)) 
             w13=tuple(_reorder(a, h) for h in hints),
             w2=tuple(_reorder(b, h) for h in hints),
             key=weights_key(w13, w2),
+            forms=static_forms(hints),
         )
 
 
@@ -81,10 +125,14 @@ def linear(x: torch.Tensor, packed_w: torch.Tensor) -> torch.Tensor:
 
 
 class PackCache:
-    """Holds one `PackedExperts` for the weights it was last asked about (one per MoE layer)."""
+    """Holds one `PackedExperts` for the weights it was last asked about (one per MoE layer).
 
-    def __init__(self, hints: tuple[int, ...] = (1, 16)) -> None:
+    With a `tuner` the forms are the ones it measured for this shape on this machine (see
+    `tuning.Tuner`); without, the static rule."""
+
+    def __init__(self, hints: tuple[int, ...] = (1, 16), tuner: FormTuner | None = None) -> None:
         self.hints = hints
+        self.tuner = tuner
         self._packed: PackedExperts | None = None
 
     def get(self, w13: torch.Tensor, w2: torch.Tensor) -> PackedExperts | None:
@@ -92,7 +140,11 @@ class PackCache:
         if w13.device.type != "cpu" or w13.dtype != torch.float32 or not available():
             return None
         if self._packed is None or self._packed.key != weights_key(w13, w2):
-            self._packed = pack(w13, w2, self.hints)
+            self._packed = None  # drop the old packs before building new ones
+            packed = pack(w13, w2, self.hints)
+            if self.tuner is not None:
+                packed = packed.with_forms(self.tuner.forms(packed, w13, w2))
+            self._packed = packed
         return self._packed
 
     def clear(self) -> None:
