@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import types
 from pathlib import Path
@@ -11,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from concilium.errors import ConfigError
 from concilium.routers.query import RouterConfig
+
+log = logging.getLogger(__name__)
 
 
 def default_home() -> Path:
@@ -154,14 +157,39 @@ class MoEConfig(BaseModel):
 
 
 class ExpertScalingConfig(ScalingConfig):
-    """An ExpertServer deployment: scaling plus its adapter cache, batching and MoE kernels."""
+    """An ExpertServer deployment: scaling plus its adapter cache, batching and MoE kernels.
 
+    Serve adds a replica once the replicas average `target_ongoing_requests`; a target below
+    `max_batch` splits the load before one replica's batch can fill, so the default target is
+    `max_batch` (`load_config` warns about a lower one: allowed, it trades batching for latency).
+    """
+
+    target_ongoing_requests: float = Field(
+        default=16,
+        gt=0,
+        description="Ongoing requests per replica the autoscaler aims for (at least max_batch, "
+        "so a replica's batch can fill before Serve scales out).",
+    )
     max_adapters: int = Field(default=8, ge=1, description="Adapters resident per replica (LRU).")
     max_batch: int = Field(default=16, ge=1, description="Rows decoded together in one batch.")
     batch_wait_ms: float = Field(default=2.0, ge=0, description="Wait to fill a batch, in ms.")
     moe: MoEConfig = Field(
         default_factory=MoEConfig, description="Sparse-MoE kernels and expert weight tiering."
     )
+
+    def underfilled_batch(self) -> str | None:
+        """Why a replica's batch of `max_batch` rows cannot fill under this scaling, or None."""
+        if self.target_ongoing_requests < self.max_batch:
+            return (
+                f"target_ongoing_requests {self.target_ongoing_requests:g} < max_batch "
+                f"{self.max_batch}: Serve scales out before one replica's batch can fill"
+            )
+        if self.max_ongoing_requests < self.max_batch:
+            return (
+                f"max_ongoing_requests {self.max_ongoing_requests} < max_batch "
+                f"{self.max_batch}: a replica never holds a full batch"
+            )
+        return None
 
 
 def _gateway_default() -> ScalingConfig:
@@ -315,6 +343,7 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServiceConfig:
             "expert registration is not open to the network",
             field="admin_api_key",
         )
+    _warn_underfilled_batches(cfg.deployment)
     if cfg.default_router not in cfg.routers:
         raise ConfigError(
             f"default_router {cfg.default_router!r} is not among the configured "
@@ -322,6 +351,18 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServiceConfig:
             field="default_router",
         )
     return cfg
+
+
+def _warn_underfilled_batches(dep: DeploymentConfig) -> None:
+    """Log each expert scaling under which a replica's batch cannot fill (an override only
+    when its reason differs from the defaults')."""
+    default = dep.expert_defaults.underfilled_batch()
+    if default is not None:
+        log.warning("deployment.expert_defaults: %s", default)
+    for name in dep.experts:
+        why = dep.expert(name).underfilled_batch()
+        if why is not None and why != default:
+            log.warning("deployment.experts.%s: %s", name, why)
 
 
 def _our_section(data: dict[str, Any]) -> dict[str, Any]:

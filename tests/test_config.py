@@ -67,3 +67,29 @@ def test_moe_backend_names_are_the_kernel_table() -> None:
     from concilium.experts.moe.layer import MOE_BACKEND_CLS
 
     assert set(get_args(MoEBackendName)) == {*MOE_BACKEND_CLS, "stock"}
+
+
+def test_the_default_and_demo_targets_let_a_replica_fill_its_batch(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Serve scales an ExpertServer out at `target_ongoing_requests` per replica: a target below
+    `max_batch` splits the load before a batch can fill."""
+    defaults = DeploymentConfig().expert_defaults
+    assert defaults.target_ongoing_requests >= defaults.max_batch
+    with caplog.at_level("WARNING", logger="concilium.config"):
+        cfg = load_config(ROOT / "configs" / "demo.yaml")
+    for name in ("any-model", "demo-moe"):
+        s = cfg.deployment.expert(name)
+        assert s.max_batch <= s.target_ongoing_requests <= s.max_ongoing_requests, name
+    assert caplog.records == []
+
+
+def test_a_target_below_max_batch_is_allowed_with_a_warning_naming_the_field(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level("WARNING", logger="concilium.config"):
+        load_config(None, deployment={"experts": {"fast": {"target_ongoing_requests": 2}}})
+        load_config(None, deployment={"expert_defaults": {"max_batch": 32}})
+    first, second = (r.getMessage() for r in caplog.records)
+    assert first.startswith("deployment.experts.fast: target_ongoing_requests 2 < max_batch 16")
+    assert second.startswith("deployment.expert_defaults: target_ongoing_requests 16 < max_batch")

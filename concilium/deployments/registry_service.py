@@ -108,12 +108,15 @@ class RegistryService:
 
     async def _remove(self, name: str) -> int:
         version = await asyncio.to_thread(self.registry.remove, name)
-        if await asyncio.to_thread(expert_apps, name):
+        # one status call: no application of `name` can start meanwhile (ensure_app holds the
+        # same lock, and finds the expert removed)
+        apps = await asyncio.to_thread(expert_apps, name)
+        if apps:
             # gateways route to the expert until they see the new version (their catalogue
             # refresh): a request sent to an application being deleted waits for replicas
             # that never come, so let those requests reach it before it starts draining
             await asyncio.sleep(DELETE_GRACE_S)
-            await asyncio.to_thread(delete_expert_app, name)
+            await asyncio.to_thread(delete_expert_app, name, apps)
         return version
 
     def version(self) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from ray import serve
@@ -91,11 +92,12 @@ def expert_apps(name: str) -> list[str]:
     return sorted(a for a in serve.status().applications if a.startswith(prefix) or a == old)
 
 
-def delete_expert_app(name: str) -> bool:
+def delete_expert_app(name: str, apps: Sequence[str] | None = None) -> bool:
     """Delete every application of a late-registered model expert (any weights directory) that
-    runs; blocks while Serve drains their in-flight requests (up to the deployment's
+    runs, or `apps` when the caller has just listed them (`expert_apps`: no second status
+    call); blocks while Serve drains their in-flight requests (up to the deployment's
     graceful_shutdown_timeout_s). True when one was deleted."""
-    apps = expert_apps(name)
+    apps = expert_apps(name) if apps is None else apps
     for app in apps:
         log.info("deleting ExpertServer application %s of removed expert %s", app, name)
         serve.delete(app, _blocking=True)

@@ -297,6 +297,7 @@ class Orchestrator:
         )
         entry = routed.catalog.entries[routed.decision.expert]
         vectors = await deadline.run(self.backend.embed(entry.target, texts))
+        _check_dimensions(req.dimensions, entry.spec.name, vectors)
         cost = tokens * entry.spec.price_in_per_1k / 1000
         routing = routing_object(
             routed, entry, cost, (time.perf_counter() - t0) * 1000, [entry.spec.name]
@@ -330,6 +331,18 @@ def _refuse_unsupported(opts: RoutingOptions | None) -> None:
             f"routing.strategy {opts.strategy!r} applies to chat generation; embeddings are "
             "routed to one expert (strategy 'single')",
             field="routing.strategy",
+        )
+
+
+def _check_dimensions(dimensions: int | None, expert: str, vectors: list[list[float]]) -> None:
+    """OpenAI's `dimensions` is a no-op when it is the expert's own size (known once it has
+    embedded: a remote expert declares none); concilium never shortens vectors."""
+    size = len(vectors[0]) if vectors else None
+    if dimensions is not None and size is not None and dimensions != size:
+        raise InvalidInput(
+            f"dimensions {dimensions}: expert {expert!r} embeds at {size} dimensions and "
+            "vectors are not shortened (omit dimensions, or ask for that size)",
+            field="dimensions",
         )
 
 

@@ -83,7 +83,9 @@ def routing_object(
         "estimated_cost": _finite(chosen.est_cost) if chosen else None,
         "estimated_latency_ms": _finite(chosen.est_latency_ms) if chosen else None,
         "cost": cost,
-        "active_parameters": entry.candidate.params_active,
+        "active_parameters": (
+            entry.candidate.params_active if routed.active_params is None else routed.active_params
+        ),
         "latency_ms": round(latency_ms, 3),
         "fallbacks": tried[1:],
         "registry_version": routed.catalog.version,

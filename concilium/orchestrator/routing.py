@@ -30,6 +30,9 @@ class Routed:
     objective: Objective = field(default_factory=Objective)
     embedding: np.ndarray | None = None
     text: str = ""
+    # what the answer reports as its active parameters when not the answering expert's own
+    # (a token mixture's upper bound, see token_plan.mixture_active_params)
+    active_params: int | None = None
 
 
 class QueryRouting:

@@ -223,16 +223,13 @@ class EmbeddingRequest(_Body):
         default="float", description="float lists, or base64 of little-endian float32 (openai's)."
     )
     dimensions: int | None = Field(
-        default=None, description="Not supported: an expert's vectors have its own size."
+        default=None,
+        ge=1,
+        strict=True,  # an integer: true is a 400, not 1
+        description="Accepted when it is the chosen expert's own vector size (vectors are never "
+        "shortened): any other size is a 400.",
     )
     routing: RoutingOptions | None = None
-
-    @field_validator("dimensions")
-    @classmethod
-    def _no_dimensions(cls, v: int | None) -> int | None:
-        if v is not None:
-            raise ValueError("dimensions is not supported: each expert embeds at its own size")
-        return v
 
     def texts(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else list(self.input)

@@ -5,12 +5,17 @@ A request asks for a per-token mixture of adapters with `routing.token_routing` 
 router has already scored the candidates; the top-M LoRA adapters of the routed expert's base
 become the mixture's candidates, and the log of their gate (predicted quality or softmax of the
 scores), times PRIOR_WEIGHT, is the prior the replica adds to every token's router logits.
+
+The answer of a mixture reports as its active parameters the base model's plus those of its
+`top_k` largest candidate adapters: each token runs the base and at most `top_k` of them, so
+this bounds every token's count from above (`mixture_active_params`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from concilium.errors import InvalidInput
@@ -18,8 +23,10 @@ from concilium.experts.base import TokenRoutingParams
 from concilium.orchestrator.schemas import RoutingOptions, TokenRouting
 
 if TYPE_CHECKING:
+    from concilium.orchestrator.catalog import Catalog
     from concilium.orchestrator.routing import Routed
     from concilium.registry.registry import Registry
+    from concilium.routers.base import Candidate
 
 MIXTURE = "mixture"  # model "<base>:mixture"
 DEFAULT_CANDIDATES = 8  # adapters mixed when routing.token_routing.candidates is not set
@@ -46,7 +53,8 @@ def requested(model: str, opts: RoutingOptions | None) -> TokenRouting | None:
 def mixture_plan(
     routed: Routed, tr: TokenRouting, registry: Registry, strategy: str
 ) -> tuple[Routed, TokenRoutingParams]:
-    """The mixture's candidates and prior; `routed` narrowed to them (the fallback pool)."""
+    """The mixture's candidates and prior; `routed` narrowed to them (the fallback pool) and
+    carrying the mixture's active parameters."""
     from concilium.routers.base import gate_qualities
 
     field = "routing.token_routing"
@@ -94,5 +102,24 @@ def mixture_plan(
         prior=prior,
         vectors=tuple(vectors),
     )
-    narrowed = dataclasses.replace(routed, candidates={c.name: c for c in keep})
+    narrowed = dataclasses.replace(
+        routed,
+        candidates={c.name: c for c in keep},
+        active_params=mixture_active_params(routed.catalog, chosen.base, keep, params.top_k),
+    )
     return narrowed, params
+
+
+def mixture_active_params(
+    catalog: Catalog, base: str, keep: Sequence[Candidate], top_k: int
+) -> int | None:
+    """Active parameters of a token mixture of `base`'s adapters `keep`, an upper bound per
+    token: the base model's plus the `top_k` largest of the candidates' own adapter parameters
+    (a candidate's ``params_active`` less the base's). None when a count is unknown."""
+    entry = catalog.entries.get(base)
+    base_params = None if entry is None else entry.candidate.params_active
+    counts = [c.params_active for c in keep]
+    if base_params is None or None in counts:
+        return None
+    own = sorted((max(n - base_params, 0) for n in counts if n is not None), reverse=True)
+    return base_params + sum(own[:top_k])

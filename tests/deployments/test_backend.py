@@ -166,12 +166,14 @@ class _Serve:
     def __init__(self, apps: dict[str, str]) -> None:
         self.apps = dict(apps)
         self.calls: list[tuple[str, str]] = []
+        self.status_calls = 0
 
     def status(self) -> Any:
         from types import SimpleNamespace
 
         from ray.serve.schema import ApplicationStatus
 
+        self.status_calls += 1
         return SimpleNamespace(
             applications={
                 a: SimpleNamespace(status=ApplicationStatus(s)) for a, s in self.apps.items()
@@ -220,6 +222,26 @@ def test_applications_are_per_weights_and_deleted_together(
     assert topology.delete_expert_app("late")
     assert set(fake.apps) == {other, "concilium"}
     assert not topology.delete_expert_app("late")
+
+
+def test_one_delete_of_a_late_model_asks_serve_for_its_applications_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from types import SimpleNamespace
+
+    from concilium.deployments import registry_service as rs
+
+    app = topology.app_name_for("late", "/models/late")
+    fake = _Serve({app: "RUNNING", "concilium": "RUNNING"})
+    monkeypatch.setattr(topology, "serve", fake)
+    monkeypatch.setattr(rs, "DELETE_GRACE_S", 0.0)
+    svc = object.__new__(rs.RegistryService.func_or_class)
+    svc.registry, svc._app_locks = SimpleNamespace(remove=lambda name: 7), {}
+    assert asyncio.run(svc.remove("late")) == 7
+    assert fake.status_calls == 1 and fake.calls == [("delete", app)]
+    assert set(fake.apps) == {"concilium"}
+    assert asyncio.run(svc.remove("late")) == 7  # no application left: asked, nothing deleted
+    assert fake.status_calls == 2 and fake.calls == [("delete", app)]
 
 
 def test_an_unreachable_registry_service_is_a_503_to_retry() -> None:
@@ -302,7 +324,7 @@ def test_the_registry_service_serialises_a_late_start_with_its_delete(
 
     monkeypatch.setattr(rs, "DELETE_GRACE_S", 0.05)
     monkeypatch.setattr(rs, "expert_apps", lambda name: ["app"])
-    monkeypatch.setattr(rs, "delete_expert_app", lambda name: events.append("delete"))
+    monkeypatch.setattr(rs, "delete_expert_app", lambda *_: events.append("delete"))
     monkeypatch.setattr(rs, "deploy_expert_app", lambda *a: events.append("deploy"))
     svc = object.__new__(rs.RegistryService.func_or_class)
     svc.registry = SimpleNamespace(get=get, remove=remove)

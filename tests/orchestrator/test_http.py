@@ -3,67 +3,22 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from prometheus_client.parser import text_string_to_metric_families
 
 from concilium.config import load_config
 from concilium.orchestrator.http import create_app
 from concilium.orchestrator.service import Service, build_service
 from tests.conftest import FakeBackend, HashEncoder, remote_spec
-
-ADMIN = {"Authorization": "Bearer s3cret"}
-EXPERTS = [
-    remote_spec(
-        "reverse",
-        ["reverse the word", "spell the word backwards"],
-        price_in_per_1k=0.1,
-        price_out_per_1k=0.2,
-        params_active=1000,
-        expected_latency_ms=200,
-        categories=["strings"],
-    ),
-    remote_spec(
-        "math",
-        ["add the numbers", "what is the sum of numbers"],
-        price_in_per_1k=1.0,
-        price_out_per_1k=2.0,
-        expected_latency_ms=900,
-        categories=["arithmetic"],
-    ),
-    remote_spec("embedder", ["embed text"], task="embed"),
-]
-
-
-@pytest.fixture
-def client(tmp_path: Path, backend: FakeBackend) -> Iterator[TestClient]:
-    cfg = load_config(None, home=tmp_path, admin_api_key="s3cret", seed_embedder=False)
-    svc = build_service(cfg, encoder=HashEncoder(), backend=backend, seed=False)
-    for s in EXPERTS:
-        svc.registry.register(s)
-    with TestClient(create_app(svc)) as c:
-        yield c
+from tests.orchestrator.conftest import ADMIN, EXPERTS, sample
 
 
 def chat(c: TestClient, content: str, **body: object):  # type: ignore[no-untyped-def]
     return c.post(
         "/v1/chat/completions", json={"messages": [{"role": "user", "content": content}], **body}
     )
-
-
-def sample(text: str, name: str, **labels: str) -> float:
-    """The value of the one sample `name{labels}` in a Prometheus exposition."""
-    values = [
-        s.value
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-        if s.name == name and s.labels == labels
-    ]
-    assert len(values) == 1, (name, labels, values)
-    return float(values[0])
 
 
 def test_auto_routes_and_reports_routing(client: TestClient, backend: FakeBackend) -> None:

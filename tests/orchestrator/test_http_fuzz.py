@@ -33,7 +33,7 @@ from concilium.orchestrator.service import build_service
 from concilium.registry.specs import NAME_RE, LoraSpec, ModelSpec, RemoteSpec
 from tests.conftest import FakeBackend, HashEncoder, remote_spec
 from tests.conftest import no_hang as shared_no_hang
-from tests.orchestrator.test_http import EXPERTS
+from tests.orchestrator.conftest import EXPERTS
 
 ADMIN = {"Authorization": "Bearer s3cret"}
 JSON_CT = {"content-type": "application/json"}

@@ -15,21 +15,10 @@ from concilium.config import load_config
 from concilium.errors import ConfigError
 from concilium.experts.base import Generation, GenParams, Message, Target
 from concilium.orchestrator.http import create_app
-from concilium.orchestrator.service import build_service
-from tests.conftest import FakeBackend, HashEncoder
-from tests.orchestrator.test_http import EXPERTS, sample
+from tests.conftest import FakeBackend
+from tests.orchestrator.conftest import experts_service, sample
 
 MESSAGES = [{"role": "user", "content": "please reverse the word planet"}]
-
-
-@pytest.fixture
-def client(tmp_path: Path, backend: FakeBackend) -> Iterator[TestClient]:
-    cfg = load_config(None, home=tmp_path, admin_api_key="s3cret", seed_embedder=False)
-    svc = build_service(cfg, encoder=HashEncoder(), backend=backend, seed=False)
-    for s in EXPERTS:
-        svc.registry.register(s)
-    with TestClient(create_app(svc)) as c:
-        yield c
 
 
 def chat(c: TestClient, **body: Any) -> Any:
@@ -92,8 +81,24 @@ def test_their_neutral_values_are_accepted(client: TestClient, extra: dict[str, 
     assert r.status_code == 200, r.text
 
 
-def test_embedding_dimensions_are_refused_not_ignored(client: TestClient) -> None:
-    r = client.post("/v1/embeddings", json={"model": "embedder", "input": "hi", "dimensions": 8})
+@pytest.mark.parametrize("model", ["embedder", "auto"])
+def test_embedding_dimensions_equal_to_the_experts_size_are_a_no_op(
+    client: TestClient, model: str
+) -> None:
+    body = {"model": model, "input": ["hi", "abc"]}
+    plain = client.post("/v1/embeddings", json=body)
+    sized = client.post("/v1/embeddings", json=body | {"dimensions": 2})  # the fake's size
+    assert sized.status_code == 200, sized.text
+    assert [d["embedding"] for d in sized.json()["data"]] == [[2.0, 1.0], [3.0, 1.0]]
+    assert sized.json()["data"] == plain.json()["data"]
+
+
+@pytest.mark.parametrize("dimensions", [1, 3, 8, 0, -2, True, 2.0, "2"])
+def test_other_embedding_dimensions_are_refused_not_ignored(
+    client: TestClient, dimensions: object
+) -> None:
+    body = {"model": "embedder", "input": "hi", "dimensions": dimensions}
+    r = client.post("/v1/embeddings", json=body)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == "dimensions"
 
@@ -169,11 +174,7 @@ class OddUsageBackend(FakeBackend):
 
 
 def test_negative_reported_usage_does_not_turn_an_answer_into_a_500(tmp_path: Path) -> None:
-    cfg = load_config(None, home=tmp_path, seed_embedder=False)
-    svc = build_service(cfg, encoder=HashEncoder(), backend=OddUsageBackend(), seed=False)
-    for s in EXPERTS:
-        svc.registry.register(s)
-    with TestClient(create_app(svc)) as c:
+    with TestClient(create_app(experts_service(tmp_path, OddUsageBackend()))) as c:
         r = chat(c, model="reverse")
         assert r.status_code == 200, r.text
         metrics = c.get("/metrics").text
@@ -183,11 +184,7 @@ def test_negative_reported_usage_does_not_turn_an_answer_into_a_500(tmp_path: Pa
 
 
 def big_client(tmp_path: Path, backend: FakeBackend) -> TestClient:
-    cfg = load_config(None, home=tmp_path, seed_embedder=False, max_request_mb=0.001)
-    svc = build_service(cfg, encoder=HashEncoder(), backend=backend, seed=False)
-    for s in EXPERTS:
-        svc.registry.register(s)
-    return TestClient(create_app(svc))
+    return TestClient(create_app(experts_service(tmp_path, backend, max_request_mb=0.001)))
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/embeddings", "/v1/experts"])

@@ -19,7 +19,7 @@ from concilium.orchestrator.objective import Objective
 from concilium.orchestrator.service import Service, build_service
 from concilium.outcomes import OutcomeStore, OutcomeTable
 from tests.conftest import FakeBackend, HashEncoder, remote_spec
-from tests.orchestrator.test_http import sample
+from tests.orchestrator.conftest import sample
 
 EXPERTS = [
     remote_spec(
