@@ -255,5 +255,7 @@ def test_closing_the_pools_local_stream_stops_the_decode(monkeypatch: pytest.Mon
 
     with no_hang(60, "the closed stream"):
         asyncio.run(go())
-    # the first emit after the close already said stop: not one more token was decoded
-    assert (steps[0], after_resume[0]) == (1, 0)
+    # not one more token was decoded after the close: the first emit's answer said stop (or,
+    # when the decode thread was preempted between queueing "x" and reading the flag, that
+    # emit already answered stop: steps 0)
+    assert steps[0] <= 1 and after_resume[0] == 0
