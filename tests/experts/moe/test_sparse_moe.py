@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from concilium.errors import ConfigError
-from concilium.experts.moe.kernels import onednn
+from concilium.experts.moe.kernels import decode, onednn
 from concilium.experts.moe.layer import MOE_BACKEND_CLS, SparseMoE, get_backend
 from concilium.experts.moe.reference import fuse_w13, reference_moe, shared_swiglu, swiglu
 
@@ -177,3 +177,18 @@ def test_training_builds_no_packed_weights(
         moe(x, weights, idxs)
         moe(x, weights, idxs)
     assert packs == [1]
+
+
+@pytest.mark.parametrize("backend", ["decode", "auto", "grouped"])
+def test_a_token_routed_twice_to_one_expert_gets_both_weights(backend: str) -> None:
+    x, w13, w2, _, _ = make_case(3, 4, 2, seed=9)
+    idxs = torch.tensor([[1, 1], [1, 0], [2, -1]])  # token 0 twice on expert 1; a null slot
+    weights = torch.tensor([[0.25, 0.5], [0.75, 0.125], [1.0, 3.0]])
+    with torch.no_grad():
+        got = get_backend(backend)(x, w13, w2, weights, idxs)
+    torch.testing.assert_close(got, reference_moe(x, w13, w2, weights, idxs), atol=ATOL, rtol=RTOL)
+    assert decode.pairs_by_expert(weights, idxs, 4) == {
+        0: ([1], [0.125]),
+        1: ([0, 0, 1], [0.25, 0.5, 0.75]),
+        2: ([2], [1.0]),
+    }

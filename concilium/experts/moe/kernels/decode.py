@@ -20,18 +20,34 @@ def active_experts(idxs: torch.Tensor, num_experts: int) -> list[int]:
     return [e for e in torch.unique(idxs).tolist() if 0 <= e < num_experts]
 
 
+def pairs_by_expert(
+    weights: torch.Tensor, idxs: torch.Tensor, num_experts: int
+) -> dict[int, tuple[list[int], list[float]]]:
+    """{expert: (tokens, weights)} of idxs/weights [T, K], experts ascending, null slots dropped:
+    grouped on the host, since T is small here and each tensor op would cost more."""
+    groups: dict[int, tuple[list[int], list[float]]] = {}
+    for t, (row, ws) in enumerate(zip(idxs.tolist(), weights.tolist(), strict=True)):
+        for e, w in zip(row, ws, strict=True):
+            if 0 <= e < num_experts:
+                tokens, gates = groups.setdefault(e, ([], []))
+                tokens.append(t)
+                gates.append(w)
+    return dict(sorted(groups.items()))
+
+
 def _inference(x, w13, w2, weights, idxs, packed: PackedExperts | None) -> torch.Tensor:
-    """No autograd: per active expert, its tokens' SwiGLU (packed GEMMs), added in place."""
+    """No autograd: per active expert, its tokens' SwiGLU (packed GEMMs), added in place; a
+    one-token expert reads its row as a view and adds its answer to that row."""
     y = torch.zeros_like(x)
-    if x.shape[0] == 1:  # one token: no gather or scatter at all
-        for k, e in enumerate(idxs[0].tolist()):
-            if 0 <= e < w13.shape[0]:
-                y.add_(expert_swiglu(x, e, w13, w2, packed), alpha=float(weights[0, k]))
-        return y
-    for e in active_experts(idxs, w13.shape[0]):
-        token, slot = torch.nonzero(idxs == e, as_tuple=True)  # [S_e] each
-        out = expert_swiglu(x[token], e, w13, w2, packed)
-        y.index_add_(0, token, out.mul_(weights[token, slot, None].to(x.dtype)))
+    for e, (tokens, gates) in pairs_by_expert(weights, idxs, w13.shape[0]).items():
+        if len(tokens) == 1:
+            t = tokens[0]
+            y[t].add_(expert_swiglu(x[t : t + 1], e, w13, w2, packed)[0], alpha=gates[0])
+            continue
+        token = torch.tensor(tokens, device=x.device)  # [S_e]
+        out = expert_swiglu(x.index_select(0, token), e, w13, w2, packed)  # [S_e, D]
+        gate = torch.tensor(gates, dtype=x.dtype, device=x.device).unsqueeze(1)  # [S_e, 1]
+        y.index_add_(0, token, out.mul_(gate))
     return y
 
 
