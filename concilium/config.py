@@ -216,6 +216,14 @@ class DeploymentConfig(BaseModel):
         "written to a file). Serve 2.60 ignores RAY_SERVE_ENABLE_ACCESS_LOG; this sets each "
         "deployment's and the proxy's logging_config.enable_access_log.",
     )
+    late_start_wait_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="How long a request routed to a late-registered model waits for its new "
+        "ExpertServer application to start when a fallback candidate exists; past it the next "
+        "candidate answers while the start goes on. The last candidate waits (up to the "
+        "request's deadline).",
+    )
 
     def logging(self) -> dict[str, Any]:
         """Serve `logging_config` for the proxy and every deployment."""

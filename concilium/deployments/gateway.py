@@ -18,7 +18,7 @@ from ray.serve.handle import DeploymentHandle
 
 from concilium.config import DeploymentConfig, ServiceConfig
 from concilium.errors import ConciliumError, ExpertFailed, ExpertNotFound, ExpertUnavailable
-from concilium.experts.base import Generation, GenParams, Message, StreamItem, Target
+from concilium.experts.base import FALLBACK_LEFT, Generation, GenParams, Message, StreamItem, Target
 from concilium.experts.guard import guarded_client
 from concilium.experts.pool import ExpertPool
 
@@ -129,13 +129,23 @@ class RayBackend:
     async def _late_handle(self, target: Target, name: str, path: str) -> DeploymentHandle:
         """Start (or find) the application of model `name` with weights `path`: through
         `deploy` when set (the RegistryService, which serialises starts and deletes across
-        gateway replicas), else from this process."""
+        gateway replicas), else from this process. While the orchestrator has a later candidate
+        (FALLBACK_LEFT) a request waits at most `late_start_wait_s` for the start, then fails
+        over; the last candidate waits for it (up to the request's deadline)."""
         task = self._deploying.get((name, path))
         if task is None:
             task = asyncio.ensure_future((self.deploy or self._deploy_here)(name, path))
             self._deploying[(name, path)] = task
+        wait = self.deployment.late_start_wait_s if FALLBACK_LEFT.get() else None
+        await asyncio.wait({task}, timeout=wait)  # never cancels the start
+        if not task.done():  # a later candidate answers this request; the start goes on
+            raise ExpertUnavailable(
+                f"expert {target.expert!r}: its ExpertServer is still starting (waited "
+                f"{wait:g} s, deployment.late_start_wait_s)",
+                retry_after_s=wait,
+            )
         try:
-            handle = await asyncio.shield(task)
+            handle = task.result()
         except Exception as e:  # forget the failed start: the next request tries again
             if self._deploying.get((name, path)) is task:
                 del self._deploying[(name, path)]

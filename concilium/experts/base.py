@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -108,6 +109,12 @@ class Target:
     adapter_path: str | None = None
     remote: RemoteSpec | None = None
     extra: dict[str, str] = field(default_factory=dict)
+
+
+# True while the orchestrator tries a target that is not its last candidate: a backend may then
+# give up early on a target that cannot answer soon (a model whose server is still starting)
+# with ExpertUnavailable, and the next candidate answers; on the last one it waits.
+FALLBACK_LEFT: ContextVar[bool] = ContextVar("concilium_fallback_left", default=False)
 
 
 class ExpertBackend(Protocol):

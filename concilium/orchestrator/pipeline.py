@@ -15,7 +15,14 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from concilium.errors import ExpertFailed, ExpertTimeout, InvalidInput
-from concilium.experts.base import ExpertBackend, Generation, GenParams, Message, StreamItem
+from concilium.experts.base import (
+    FALLBACK_LEFT,
+    ExpertBackend,
+    Generation,
+    GenParams,
+    Message,
+    StreamItem,
+)
 from concilium.orchestrator import token_plan
 from concilium.orchestrator.catalog import CatalogCache, Entry, cost_of, estimate_tokens
 from concilium.orchestrator.deadline import Deadline
@@ -205,6 +212,7 @@ class Orchestrator:
         for name in order:
             entry = routed.catalog.entries[name]
             tried.append(name)
+            left = FALLBACK_LEFT.set(name != order[-1])  # the backend may give up early
             try:
                 return entry, await deadline.run(attempt(entry)), tried
             except ExpertFailed as e:
@@ -212,6 +220,8 @@ class Orchestrator:
                     raise  # the caller's deadline is spent: no fallback can answer in time
                 _log_failure(name, e, last_one=name == order[-1])
                 last = e
+            finally:
+                FALLBACK_LEFT.reset(left)
         assert last is not None
         raise last
 

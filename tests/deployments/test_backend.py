@@ -373,3 +373,44 @@ def test_a_late_start_that_failed_is_retried_after_a_back_off(
     clock[0] += rs.START_BACKOFF_S
     asyncio.run(svc.ensure_app("m", "/models/m"))
     assert starts == ["start", "start"]
+
+
+def test_a_request_with_a_fallback_gives_up_on_a_slow_start_and_the_start_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With a later candidate behind it a request waits late_start_wait_s for a late model's
+    server, then fails over (503 material with Retry-After); the last candidate waits; the
+    start is never cancelled or repeated."""
+    import threading
+    import time
+
+    from concilium.experts.base import FALLBACK_LEFT
+
+    release = threading.Event()
+    starts: list[str] = []
+
+    def deploy(name: str, *_: Any) -> _Handle:
+        starts.append(name)
+        release.wait(10)
+        return _Handle()
+
+    monkeypatch.setattr(topology, "deploy_expert_app", deploy)
+    backend = gateway.RayBackend({}, ExpertPool(), DeploymentConfig(late_start_wait_s=0.2))
+    target = Target(expert="late", kind="model", model="late", model_path="/models/late")
+    msgs = [{"role": "user", "content": "hi"}]
+
+    async def go() -> tuple[float, str]:
+        FALLBACK_LEFT.set(True)
+        t0 = time.perf_counter()
+        with pytest.raises(ExpertUnavailable, match="still starting") as err:
+            await backend.chat(target, msgs, GenParams())
+        waited = time.perf_counter() - t0
+        assert err.value.retry_after_s == 0.2
+        FALLBACK_LEFT.set(False)  # the last candidate: waits for the same start
+        asyncio.get_running_loop().call_later(0.5, release.set)
+        gen = await backend.chat(target, msgs, GenParams())
+        return waited, gen.text
+
+    waited, text = asyncio.run(go())
+    assert 0.15 < waited < 2.0 and text == "ok"
+    assert starts == ["late"]  # one start, not cancelled by the request that gave up

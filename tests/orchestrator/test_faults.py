@@ -177,3 +177,35 @@ def test_overload_is_a_503_with_retry_after(tmp_path: Path) -> None:
     with TestClient(create_app(svc)) as c:
         r = c.post("/v1/chat/completions", json=body("reverse", model="reverse"))
     assert r.status_code == 503 and r.headers["retry-after"] == "2"
+
+
+def test_only_a_target_with_a_fallback_behind_it_may_give_up_early(
+    client: TestClient, backend: FakeBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FALLBACK_LEFT tells the backend whether a later candidate would answer (then a model
+    still starting fails over instead of holding the request)."""
+    from concilium.experts.base import FALLBACK_LEFT
+
+    seen: list[tuple[str, bool]] = []
+    chat, stream = backend.chat, backend.chat_stream
+
+    async def recording_chat(target: Target, messages: list[Message], params: GenParams):  # type: ignore[no-untyped-def]
+        seen.append((target.expert, FALLBACK_LEFT.get()))
+        return await chat(target, messages, params)
+
+    def recording_stream(target: Target, messages: list[Message], params: GenParams):  # type: ignore[no-untyped-def]
+        seen.append((target.expert, FALLBACK_LEFT.get()))
+        return stream(target, messages, params)
+
+    monkeypatch.setattr(backend, "chat", recording_chat)
+    monkeypatch.setattr(backend, "chat_stream", recording_stream)
+    backend.fail.add("reverse")
+    assert client.post("/v1/chat/completions", json=body("reverse the word")).status_code == 200
+    assert seen == [("reverse", True), ("math", False)]  # math is the last candidate
+    seen.clear()
+    assert sse(client, body("reverse the word", stream=True))[0] == 200
+    assert set(seen) == {("reverse", True), ("math", False)}  # the fake streams through chat
+    seen.clear()
+    r = client.post("/v1/chat/completions", json=body("reverse the word", model="math"))
+    assert r.status_code == 200 and seen == [("math", False)]  # named: nothing behind it
+    assert FALLBACK_LEFT.get() is False
