@@ -135,6 +135,7 @@ class RayBackend:
         task = self._deploying.get((name, path))
         if task is None:
             task = asyncio.ensure_future((self.deploy or self._deploy_here)(name, path))
+            task.add_done_callback(partial(self._forget_failed, (name, path)))
             self._deploying[(name, path)] = task
         wait = self.deployment.late_start_wait_s if FALLBACK_LEFT.get() else None
         await asyncio.wait({task}, timeout=wait)  # never cancels the start
@@ -146,15 +147,20 @@ class RayBackend:
             )
         try:
             handle = task.result()
-        except Exception as e:  # forget the failed start: the next request tries again
-            if self._deploying.get((name, path)) is task:
-                del self._deploying[(name, path)]
+        except Exception as e:  # forgotten as it failed (`_forget_failed`): the next one retries
             raise ExpertUnavailable(
                 f"expert {target.expert!r}: its ExpertServer did not start ({e})"
             ) from e
         self.handles[name], self.paths[name] = handle, path
         self._late.add(name)
         return handle
+
+    def _forget_failed(self, key: tuple[str, str], task: asyncio.Task[DeploymentHandle]) -> None:
+        """A start that failed is forgotten as it ends, whether a request still waits for it or
+        every one has failed over: the next request starts the model again."""
+        failed = task.cancelled() or task.exception() is not None
+        if failed and self._deploying.get(key) is task:
+            del self._deploying[key]
 
     def _gone(self, target: Target, e: DeploymentUnavailableError) -> ExpertUnavailable:
         """The application behind a cached handle was deleted: forget the handle, so that the

@@ -8,7 +8,8 @@ scores), times PRIOR_WEIGHT, is the prior the replica adds to every token's rout
 
 The answer of a mixture reports as its active parameters the base model's plus those of its
 `top_k` largest candidate adapters: each token runs the base and at most `top_k` of them, so
-this bounds every token's count from above (`mixture_active_params`).
+this bounds every token's count from above (`mixture_active_params`); `uniform` merges every
+candidate on every token, so all of them count there.
 """
 
 from __future__ import annotations
@@ -102,10 +103,11 @@ def mixture_plan(
         prior=prior,
         vectors=tuple(vectors),
     )
+    per_token = len(adapters) if tr.router == "uniform" else params.top_k  # uniform: all of them
     narrowed = dataclasses.replace(
         routed,
         candidates={c.name: c for c in keep},
-        active_params=mixture_active_params(routed.catalog, chosen.base, keep, params.top_k),
+        active_params=mixture_active_params(routed.catalog, chosen.base, keep, per_token),
     )
     return narrowed, params
 

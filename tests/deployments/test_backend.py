@@ -414,3 +414,41 @@ def test_a_request_with_a_fallback_gives_up_on_a_slow_start_and_the_start_goes_o
     waited, text = asyncio.run(go())
     assert 0.15 < waited < 2.0 and text == "ok"
     assert starts == ["late"]  # one start, not cancelled by the request that gave up
+
+
+def test_a_start_that_fails_after_every_request_gave_up_is_tried_again_next_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No request waits for a start that all its callers left (they failed over): when it fails,
+    the next request starts the model again instead of getting that stale failure."""
+    import threading
+
+    from concilium.experts.base import FALLBACK_LEFT
+
+    release = threading.Event()
+    starts: list[str] = []
+
+    def deploy(name: str, *_: Any) -> _Handle:
+        starts.append(name)
+        if len(starts) == 1:
+            release.wait(10)
+            raise RuntimeError("controller busy")
+        return _Handle()
+
+    monkeypatch.setattr(topology, "deploy_expert_app", deploy)
+    backend = gateway.RayBackend({}, ExpertPool(), DeploymentConfig(late_start_wait_s=0.05))
+    target = Target(expert="late", kind="model", model="late", model_path="/models/late")
+    msgs = [{"role": "user", "content": "hi"}]
+
+    async def go() -> Generation:
+        FALLBACK_LEFT.set(True)
+        with pytest.raises(ExpertUnavailable, match="still starting"):
+            await backend.chat(target, msgs, GenParams())
+        (first,) = backend._deploying.values()
+        release.set()
+        await asyncio.wait({first})  # it fails with nobody waiting on it
+        FALLBACK_LEFT.set(False)
+        return await backend.chat(target, msgs, GenParams())
+
+    assert asyncio.run(go()).text == "ok"
+    assert starts == ["late", "late"]

@@ -208,4 +208,24 @@ def test_only_a_target_with_a_fallback_behind_it_may_give_up_early(
     seen.clear()
     r = client.post("/v1/chat/completions", json=body("reverse the word", model="math"))
     assert r.status_code == 200 and seen == [("math", False)]  # named: nothing behind it
-    assert FALLBACK_LEFT.get() is False
+
+
+def test_fallback_left_does_not_outlive_the_attempt(tmp_path: Path, backend: FakeBackend) -> None:
+    """In one context (the CLI and the benchmarks answer requests one after another in one
+    task) the flag is reset once the first candidate answered: an ensemble member or another
+    request after it must not give up early."""
+    from concilium.experts.base import FALLBACK_LEFT
+    from concilium.orchestrator.schemas import ChatCompletionRequest
+
+    cfg = load_config(None, home=tmp_path, seed_embedder=False)
+    svc = build_service(cfg, encoder=HashEncoder(), backend=backend, seed=False)
+    for s in EXPERTS:
+        svc.registry.register(s)
+    req = ChatCompletionRequest.model_validate(body("reverse the word"))
+
+    async def go() -> bool:
+        out = await svc.orchestrator.chat(req)
+        assert out.body["routing"]["expert"] == "reverse"  # answered with math behind it
+        return FALLBACK_LEFT.get()
+
+    assert asyncio.run(go()) is False

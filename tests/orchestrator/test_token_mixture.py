@@ -58,3 +58,16 @@ def test_one_adapter_alone_still_reports_its_own_parameters(client: TestClient) 
     routing, header = _post(client, "reverse")
     assert routing["active_parameters"] == BASE_ACTIVE + OWN["reverse"]
     assert header == str(BASE_ACTIVE + OWN["reverse"])
+
+
+def test_a_uniform_mixture_reports_every_candidate(
+    client: TestClient, backend: FakeBackend
+) -> None:
+    """`uniform` merges every candidate on every token whatever top_k says: all of them count."""
+    uniform = {"token_routing": MIXTURE["token_routing"] | {"router": "uniform"}}
+    routing, header = _post(client, "auto", routing=uniform)
+    mixed = backend.calls[-1][2].token_routing
+    assert mixed is not None and mixed.router == "uniform"
+    assert {a for a, _ in mixed.adapters} == set(OWN)
+    want = BASE_ACTIVE + sum(OWN.values())
+    assert routing["active_parameters"] == want and header == str(want)

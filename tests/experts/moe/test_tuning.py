@@ -123,3 +123,19 @@ def test_a_tuner_without_row_counts_or_passes_is_refused(
 ) -> None:
     with pytest.raises(ConfigError, match="row counts"):
         Tuner(rows=rows, passes=passes)
+
+
+def test_caches_with_other_hints_never_share_forms(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A form names its pack by index among the hints: forms measured on (1, 16) packs name
+    pack 1, which (16,) packs do not have."""
+
+    def largest_pack(packed, w13, w2, passes=2):  # type: ignore[no-untyped-def]
+        return lambda f, n: 1.0 if f.pack is None else -float(f.pack)  # the last pack wins
+
+    monkeypatch.setattr(tuning, "timer", largest_pack)
+    tuner = Tuner(rows=(1,), passes=1)
+    w13, w2 = weights(4)
+    two = PackCache(hints=(1, 16), tuner=tuner).get(w13, w2)
+    one = PackCache(hints=(16,), tuner=tuner).get(w13, w2)
+    assert two is not None and two.hints == (16,) and two.forms == (Form(0),)
+    assert one is not None and one.hints == (16,) and one.forms == (Form(0),)

@@ -7,10 +7,11 @@ padding), like a BLAS autotuner: the winner differs between CPUs.
 
 Each candidate is timed over every expert of the layer in turn (a layer larger than the
 last-level cache is then read cold, as decoding reads it), the best of `passes` passes kept. Row
-counts between the measured ones take the form of the nearest measured count below, larger ones
-the form of the largest.
-Results are kept per (w13 shape, w2 shape, dtype, intra-op threads); all layers of one shape pay
-for one measurement (1.5-2 s for a Mixtral-size layer here, at the first inference call).
+counts between the measured ones take the form of the nearest measured count below (those below
+the smallest, its form), larger ones the form of the largest.
+Results are kept per (w13 shape, w2 shape, dtype, pack hints, intra-op threads): a form names its
+pack by index among the hints, so caches with other hints never share forms. All layers of one
+shape pay for one measurement (1.5-2 s for a Mixtral-size layer here, at the first inference call).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def candidates(packed: PackedExperts, rows: int) -> list[Form]:
 
 def choose(packed: PackedExperts, measure: Measure, rows: Sequence[int] = ROWS) -> tuple[Form, ...]:
     """forms[n - 1] for n = 1 .. max(rows): the fastest candidate at each measured n, the choice of
-    the nearest measured n below for the rest."""
+    the nearest measured n below for the rest (of the smallest for n below it)."""
     best: dict[int, Form] = {}
     for n in sorted(rows):
         times = {f: measure(f, n) for f in candidates(packed, n)}
@@ -85,7 +86,7 @@ class Tuner:
         self._lock = threading.Lock()
 
     def forms(self, packed: PackedExperts, w13: torch.Tensor, w2: torch.Tensor) -> tuple[Form, ...]:
-        key = (tuple(w13.shape), tuple(w2.shape), w13.dtype, torch.get_num_threads())
+        key = (tuple(w13.shape), tuple(w2.shape), w13.dtype, packed.hints, torch.get_num_threads())
         with self._lock:
             if key not in self._forms:
                 t0 = time.perf_counter()
