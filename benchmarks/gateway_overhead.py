@@ -8,6 +8,9 @@
 
 Both run in one local Serve instance, driven by the same closed-loop client (64 concurrent
 connections to 127.0.0.1, bounded in requests), alternating rounds; best round of each reported.
+A third round per cycle sends (b) requests naming the expert (no routing, no query encoding), and
+every round's CPU time is split by process (Linux /proc): what routing costs, and where the rest
+goes. Those two are reported, not targets.
 
     python benchmarks/gateway_overhead.py [--quick] [--requests 2000] [--concurrency 64]
 """
@@ -64,9 +67,11 @@ class BareIngress:
         return {"choices": [{"message": {"role": "assistant", "content": gen.text}}]}
 
 
-async def load(url: str, n: int, concurrency: int, content: str) -> tuple[float, list[float]]:
+async def load(
+    url: str, n: int, concurrency: int, content: str, model: str = "auto"
+) -> tuple[float, list[float]]:
     """Closed loop: `concurrency` clients send `n` requests in all. (req/s, latencies in s)."""
-    body = {"model": "auto", "messages": [{"role": "user", "content": content}]}
+    body = {"model": model, "messages": [{"role": "user", "content": content}]}
     lat: list[float] = []
     left = iter(range(n))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -83,6 +88,50 @@ async def load(url: str, n: int, concurrency: int, content: str) -> tuple[float,
         t0 = time.perf_counter()
         await asyncio.gather(*[worker() for _ in range(concurrency)])
         return n / (time.perf_counter() - t0), lat
+
+
+GROUPS = {  # process -> group, by a piece of its command line (Ray names its workers)
+    "ProxyActor": "proxy",
+    "BareIngress": "ingress",
+    ":Gateway": "ingress",
+    "NoOpExpert": "expert",
+}
+
+
+def process_cpu() -> dict[str, float]:
+    """CPU seconds used so far by each group of this machine's processes (Linux /proc; {}
+    elsewhere): this client, the Serve proxy, the ingress (bare) or gateway replica, the no-op
+    expert replica, everything else (Ray's own daemons included)."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for pid in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not pid.isdigit():
+            continue  # self, thread-self (this process again) and the kernel's files
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().decode(errors="replace")
+        except (OSError, IndexError):
+            continue  # not a process, or gone
+        group = "client" if pid == str(os.getpid()) else "other"
+        group = next((g for key, g in GROUPS.items() if key in cmd), group)
+        out[group] = out.get(group, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def settle(max_s: float = 30.0, idle_cores: float = 0.3) -> float:
+    """Wait until the machine is quiet (Ray starts worker processes and replicas load models
+    for a while after `serve.run` returns): at most `max_s`. Returns the seconds waited."""
+    t0 = last = time.monotonic()
+    used = sum(process_cpu().values())
+    while time.monotonic() - t0 < max_s:
+        time.sleep(1.0)
+        now, total = time.monotonic(), sum(process_cpu().values())
+        if not used or (total - used) / (now - last) < idle_cores:
+            break
+        used, last = total, now
+    return time.monotonic() - t0
 
 
 def deploy(port: int, home: Path) -> None:
@@ -126,24 +175,52 @@ def main() -> int:
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     base = f"http://127.0.0.1:{args.port}"
     urls = {"bare": f"{base}/bare/v1/chat/completions", "concilium": f"{base}/v1/chat/completions"}
+    apps = [("bare", "auto"), ("concilium", "auto"), ("concilium", "noop")]  # noop: no routing
     best: dict[str, tuple[float, float]] = {}
+    cpu: dict[str, dict[str, float]] = {}  # app -> group -> CPU seconds, over all rounds
     try:
         with tempfile.TemporaryDirectory() as home:
             deploy(args.port, Path(home))
             for url in urls.values():  # warm-up (model load, connections, JIT paths)
                 asyncio.run(load(url, 2 * args.concurrency, args.concurrency, "hello"))
+            print(f"machine quiet after {settle():.0f} s")
             for r in range(rounds):
-                for name, url in urls.items():
-                    rps, lat = asyncio.run(load(url, n, args.concurrency, f"Reverse: word{r}"))
+                for name, model in apps:
+                    before = process_cpu()
+                    rps, lat = asyncio.run(
+                        load(urls[name], n, args.concurrency, f"Reverse: word{r}", model)
+                    )
+                    spent = cpu.setdefault(f"{name} {model}", {})
+                    for g, s in process_cpu().items():
+                        spent[g] = spent.get(g, 0.0) + s - before.get(g, 0.0)
                     p50 = statistics.median(lat) * 1000
-                    print(f"round {r} {name:>9}: {rps:8.1f} req/s  p50 {p50:7.2f} ms")
-                    if name not in best or rps > best[name][0]:
+                    print(f"round {r} {name:>9} {model}: {rps:8.1f} req/s  p50 {p50:7.2f} ms")
+                    if model == "auto" and (name not in best or rps > best[name][0]):
                         best[name] = (rps, p50)
             alone = one_client(urls, 50 if args.quick else 300)
     finally:
         serve.shutdown()
         ray.shutdown()
-    return report(best, alone, n, rounds, args)
+    return report(best, alone, cpu_table(cpu, n * rounds), n, rounds, args)
+
+
+def cpu_table(cpu: dict[str, dict[str, float]], requests: int) -> list[str]:
+    """Markdown rows: CPU ms per request by process group, for each app and model."""
+    if not any(cpu.values()):
+        return ["(no per-process CPU: /proc is not available here)"]
+    groups = ["client", "proxy", "ingress", "expert", "other"]
+    label = {
+        "bare auto": "bare Ray Serve",
+        "concilium auto": "concilium, model auto (routing)",
+        "concilium noop": "concilium, model named (no routing)",
+    }
+    rows = ["| app | " + " | ".join(groups) + " | total |", "|---" * (len(groups) + 2) + "|"]
+    for app, spent in cpu.items():
+        ms = [max(spent.get(g, 0.0), 0.0) * 1000 / requests for g in groups]
+        rows.append(
+            f"| {label[app]} | " + " | ".join(f"{v:.1f}" for v in ms) + f" | {sum(ms):.1f} |"
+        )
+    return rows
 
 
 def one_client(urls: dict[str, str], n: int) -> dict[str, float]:
@@ -157,7 +234,12 @@ def one_client(urls: dict[str, str], n: int) -> dict[str, float]:
 
 
 def report(
-    best: dict[str, tuple[float, float]], alone: dict[str, float], n: int, rounds: int, args: Any
+    best: dict[str, tuple[float, float]],
+    alone: dict[str, float],
+    cpu: list[str],
+    n: int,
+    rounds: int,
+    args: Any,
 ) -> int:
     (b_rps, b_p50), (c_rps, c_p50) = best["bare"], best["concilium"]
     ratio, added = c_rps / b_rps, c_p50 - b_p50
@@ -178,6 +260,12 @@ def report(
         "One client at a time (no queueing), p50 over alternating blocks of 25 requests: bare "
         f"{alone['bare']:.2f} ms, concilium {alone['concilium']:.2f} ms ({added_alone:+.2f} ms "
         "per request: routing, query encoding, the routing object; reported, not a target).",
+        "",
+        "CPU ms per request under the 64-client load, by process (summed over the rounds; the "
+        "machine's 2 cores bound the total): client = this load generator, ingress = the bare "
+        "ingress or the concilium gateway replica, other = Ray's daemons and the rest.",
+        "",
+        *cpu,
         "",
     ]
     text = "\n".join(lines)
