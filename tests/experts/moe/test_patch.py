@@ -122,3 +122,20 @@ def test_all_layers_of_a_patched_model_share_one_kernel_tuner() -> None:
     tuners = {id(ours.backend.packs.tuner) for *_, ours in report.swaps}
     assert len(report.swaps) == 2 and len(tuners) == 1
     assert report.swaps[0][3].backend.packs.tuner is not None
+
+
+def test_a_patched_model_can_be_deep_copied_and_pickled() -> None:
+    """The shared kernel tuner holds a lock: copies share the tuner, pickles get a new lock."""
+    import copy
+    import pickle
+
+    model = tiny("mixtral")
+    patch(model)
+    ids = prompt(97)
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        torch.testing.assert_close(clone(ids).logits, model(ids).logits)
+    ours = [m for m in clone.modules() if isinstance(m, MoEExperts)]
+    assert ours[0].backend.packs.tuner is ours[1].backend.packs.tuner
+    tuner = pickle.loads(pickle.dumps(ours[0].backend.packs.tuner))
+    assert tuner.rows == ours[0].backend.packs.tuner.rows and tuner._lock.acquire(blocking=False)

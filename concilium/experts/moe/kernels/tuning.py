@@ -98,6 +98,17 @@ class Tuner:
                 )
             return self._forms[key]
 
+    def __deepcopy__(self, memo: dict[int, object]) -> Tuner:
+        """A copied model shares its original's measurements (they depend on the machine)."""
+        return self
+
+    def __getstate__(self) -> dict[str, object]:
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}  # a lock does not pickle
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
 
 def describe(packed: PackedExperts, forms: Sequence[Form]) -> str:
     """'1: pack16, 2-3: mm, 4+: pack16 pad 5'-style summary of forms (hints of `packed`)."""
