@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-import types
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from concilium.errors import ConfigError
+from concilium.explain import config_error, first
 from concilium.routers.query import RouterConfig
 
 log = logging.getLogger(__name__)
@@ -244,9 +244,9 @@ class DeploymentConfig(BaseModel):
         try:
             return ExpertScalingConfig.model_validate(data)
         except ValidationError as e:
-            loc, msg = _explain(e.errors()[0], ExpertScalingConfig)
-            where = ".".join(p for p in (f"deployment.experts.{name}", loc) if p)
-            raise ValueError(f"{where}: {msg}") from None
+            problem = first(e, ExpertScalingConfig)
+            where = ".".join(p for p in (f"deployment.experts.{name}", problem.field) if p)
+            raise ValueError(f"{where}: {problem.message}") from None
 
 
 class ServiceConfig(BaseModel):
@@ -342,8 +342,7 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServiceConfig:
     try:
         cfg = ServiceConfig.model_validate(data)
     except ValidationError as e:
-        loc, msg = _explain(e.errors()[0], ServiceConfig)
-        raise ConfigError(f"invalid config field {loc}: {msg}", field=loc) from None
+        raise config_error(e, ServiceConfig, "config") from None
     loopback = cfg.host in ("127.0.0.1", "localhost", "::1") or cfg.host.startswith("127.")
     if not loopback and cfg.admin_key() is None:
         raise ConfigError(
@@ -393,51 +392,3 @@ def _mapping(value: Any, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ConfigError(f"the config's {what!r} must be a mapping, got {type(value).__name__}")
     return value
-
-
-def _explain(err: Any, root: type[BaseModel]) -> tuple[str, str]:
-    """(dotted field, message) of a validation error of `root`; a key typo lists the valid keys
-    and a missing `kind` the valid kinds (a tagged union's tag is left out of the field)."""
-    shown: list[str] = []
-    holder: Any = None
-    tp: Any = root
-    for part in err["loc"]:
-        holder = tp
-        tp, is_tag = _step(tp, part)
-        if not is_tag:
-            shown.append(str(part))
-    msg = str(err["msg"])
-    if err["type"] == "extra_forbidden" and _is_model(holder):
-        msg += f" (valid keys: {', '.join(sorted(holder.model_fields))})"
-    if err["type"] == "union_tag_not_found" and _kinds(tp):
-        msg += f" (valid kinds: {', '.join(_kinds(tp))})"
-    return ".".join(shown), msg
-
-
-def _step(tp: Any, part: Any) -> tuple[Any, bool]:
-    """(the type at `part` inside `tp`, or None when it cannot be followed; whether `part` is a
-    tagged union's tag)."""
-    if get_origin(tp) is Annotated:
-        tp = get_args(tp)[0]
-    if _is_model(tp):
-        field = tp.model_fields.get(str(part))
-        return (None if field is None else field.annotation), False
-    if get_origin(tp) is dict:
-        return get_args(tp)[1], False
-    if part in _kinds(tp):
-        return next(m for m in get_args(tp) if _kinds(m) == [part]), True
-    return None, False
-
-
-def _kinds(tp: Any) -> list[str]:
-    """The `kind` tags of a union of configs (of one config), else []."""
-    if get_origin(tp) is Annotated:
-        tp = get_args(tp)[0]
-    if get_origin(tp) in (Union, types.UnionType):
-        return [k for m in get_args(tp) for k in _kinds(m)]
-    field = tp.model_fields.get("kind") if _is_model(tp) else None
-    return [] if field is None else [str(k) for k in get_args(field.annotation)]
-
-
-def _is_model(tp: Any) -> bool:
-    return isinstance(tp, type) and issubclass(tp, BaseModel)

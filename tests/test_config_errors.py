@@ -28,7 +28,7 @@ def load(tmp_path: Path, text: str | bytes) -> None:
             "routers.retriever.agregate",
             ["aggregate"],
         ),
-        ("routers:\n  r:\n    top_k: 2\n", "routers.r", ["retriever", "predictive"]),
+        ("routers:\n  r:\n    top_k: 2\n", "routers.r.kind", ["retriever", "predictive"]),
     ],
 )
 def test_a_typo_names_the_valid_keys(

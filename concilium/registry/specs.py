@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationInfo, field_validator
 
 from concilium.errors import SpecError
+from concilium.explain import problems
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 MAX_EXAMPLES = 64
@@ -216,21 +217,9 @@ def parse_spec(data: Any, *, stored: bool = False) -> ModelSpec | LoraSpec | Rem
     try:
         return _ADAPTER.validate_python(data, context={"stored": stored})
     except ValidationError as e:
-        locs = [_loc(err["loc"], err["type"]) for err in e.errors()]
-        details = "; ".join(
-            f"{loc}: {err['msg']}" for loc, err in zip(locs, e.errors(), strict=True)
-        )
-        raise SpecError(f"invalid expert spec: {details}", field=locs[0]) from None
-
-
-def _loc(loc: tuple[Any, ...], err_type: str) -> str:
-    """Dotted field path without pydantic's union-tag prefix."""
-    if err_type.startswith("union_tag"):
-        return "kind"
-    parts = [str(p) for p in loc]
-    if parts and parts[0] in ("model", "lora", "remote"):
-        parts = parts[1:]
-    return ".".join(parts) or "kind"
+        found = problems(e, ExpertSpec)
+        details = "; ".join(str(p) for p in found)
+        raise SpecError(f"invalid expert spec: {details}", field=found[0].field or None) from None
 
 
 def spec_to_dict(spec: ModelSpec | LoraSpec | RemoteSpec) -> dict[str, Any]:

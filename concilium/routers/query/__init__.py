@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import Field, TypeAdapter
+from pydantic import Field, TypeAdapter, ValidationError
 
-from concilium.errors import ConfigError
+from concilium.explain import config_error
 from concilium.routers.base import QueryRouter
 from concilium.routers.query.category import CategoryConfig, CategoryRouter
 from concilium.routers.query.fixed import FixedConfig, FixedRouter
@@ -31,15 +31,10 @@ _CONFIG: TypeAdapter[Any] = TypeAdapter(RouterConfig)
 
 def build_router(config: Any) -> QueryRouter:
     """Instantiate a router from its config (a model or a mapping with `kind`)."""
-    from pydantic import ValidationError
-
     try:
         cfg = _CONFIG.validate_python(config)
     except ValidationError as e:
-        raise ConfigError(
-            f"invalid router config {config!r}: {e.errors()[0]['msg']} "
-            f"(valid kinds: {sorted(ROUTER_CLS)})"
-        ) from None
+        raise config_error(e, RouterConfig, "router config") from None
     return ROUTER_CLS[cfg.kind](cfg)
 
 

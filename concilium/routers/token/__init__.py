@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import Field, TypeAdapter
+from pydantic import Field, TypeAdapter, ValidationError
 
-from concilium.errors import ConfigError
+from concilium.explain import config_error
 from concilium.routers.token.arrow import ArrowConfig, ArrowRouter
 from concilium.routers.token.base import (
     TokenPrior,
@@ -39,15 +39,10 @@ _CONFIG: TypeAdapter[Any] = TypeAdapter(TokenRouterConfigUnion)
 
 def build_token_router(config: Any) -> TokenRouter:
     """Instantiate a token router from its config (a model or a mapping with ``kind``)."""
-    from pydantic import ValidationError
-
     try:
         cfg = _CONFIG.validate_python(config)
     except ValidationError as e:
-        raise ConfigError(
-            f"invalid token router config {config!r}: {e.errors()[0]['msg']} "
-            f"(valid kinds: {sorted(TOKEN_ROUTER_CLS)})"
-        ) from None
+        raise config_error(e, TokenRouterConfigUnion, "token router config") from None
     return TOKEN_ROUTER_CLS[cfg.kind](cfg)
 
 

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from concilium.errors import ConfigError, InvalidInput
+from concilium.errors import InvalidInput
+from concilium.explain import config_error
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -155,26 +156,8 @@ def build_gating(config: MoEGatingConfig | dict[str, Any]) -> MoEGating:
     try:
         cfg = TypeAdapter(MoEGatingConfig).validate_python(config)
     except ValidationError as e:
-        raise _gating_error(e) from None
+        raise config_error(e, MoEGatingConfig, "MoE gating config") from None
     return MOE_GATING_CLS[cfg.kind](cfg)
-
-
-def _gating_error(e: ValidationError) -> ConfigError:
-    """The first error of a gating config: its field (without the union's tag) and value, or
-    the valid kinds when the kind is at fault."""
-    err = e.errors()[0]
-    loc = [str(p) for p in err["loc"]]
-    if loc and loc[0] in MOE_GATING_CLS:
-        loc = loc[1:]
-    if err["type"].startswith("union_tag"):
-        kinds = ", ".join(sorted(MOE_GATING_CLS))
-        return ConfigError(
-            f"invalid MoE gating config field kind: {err['msg']} (valid kinds: {kinds})",
-            field="kind",
-        )
-    field = ".".join(loc) or None
-    where = f" field {field}={err['input']!r}" if field else ""
-    return ConfigError(f"invalid MoE gating config{where}: {err['msg']}", field=field)
 
 
 def active_experts_per_token(idxs: Tensor, num_experts: int) -> float:
