@@ -43,6 +43,13 @@ class OutcomesConfig(BaseModel):
     max_rows: int = Field(
         default=200_000, ge=1000, description="Oldest unlabelled rows are dropped beyond this."
     )
+    path: Path | None = Field(
+        default=None,
+        description="The store's SQLite file (default <home>/outcomes.sqlite). On a cluster whose "
+        "home is a network filesystem put it on a local disk: SQLite's WAL mode needs every "
+        "reader and writer on one host, so each node then keeps the outcomes its gateways "
+        "logged (feedback finds a decision on the node that answered it).",
+    )
 
 
 class StrategyConfig(BaseModel):
@@ -215,6 +222,14 @@ class DeploymentConfig(BaseModel):
         description="Ray Serve's access log (a line per request in the proxy and every replica, "
         "written to a file). Serve 2.60 ignores RAY_SERVE_ENABLE_ACCESS_LOG; this sets each "
         "deployment's and the proxy's logging_config.enable_access_log.",
+    )
+    registry_reads: Literal["service", "store"] = Field(
+        default="service",
+        description="How gateway and ExpertServer replicas read the registry: 'service' - from "
+        "the RegistryService, the one replica that opens registry.sqlite (snapshots by long "
+        "poll; replicas may then run on other nodes, with only the artifact store on a shared "
+        "path); 'store' - every replica opens the SQLite file itself (one machine only: "
+        "SQLite's WAL mode does not work over a network filesystem).",
     )
     late_start_wait_s: float = Field(
         default=5.0,

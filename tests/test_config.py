@@ -93,3 +93,16 @@ def test_a_target_below_max_batch_is_allowed_with_a_warning_naming_the_field(
     first, second = (r.getMessage() for r in caplog.records)
     assert first.startswith("deployment.experts.fast: target_ongoing_requests 2 < max_batch 16")
     assert second.startswith("deployment.expert_defaults: target_ongoing_requests 16 < max_batch")
+
+
+def test_the_outcome_store_goes_where_outcomes_path_says(tmp_path: Path) -> None:
+    from concilium.orchestrator.service import open_outcomes
+
+    local = tmp_path / "local" / "o.sqlite"
+    cfg = load_config(None, home=tmp_path / "home", outcomes={"path": str(local)})
+    store = open_outcomes(cfg)
+    assert store is not None and store.path == local and local.exists()
+    store.close()
+    default = open_outcomes(load_config(None, home=tmp_path / "home"))
+    assert default is not None and default.path == tmp_path / "home" / "outcomes.sqlite"
+    default.close()

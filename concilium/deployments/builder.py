@@ -34,6 +34,9 @@ def build_app(cfg: ServiceConfig) -> Application:
             "home": cfg.home.absolute(),
             "pack": cfg.pack.absolute() if cfg.pack else None,
             "embed_pack": cfg.embed_pack.absolute() if cfg.embed_pack else None,
+            "outcomes": cfg.outcomes.model_copy(
+                update={"path": cfg.outcomes.path.absolute() if cfg.outcomes.path else None}
+            ),
         }
     )
     # seed the registry (packs + embedder) in the driver; the RegistryService trains the gates
@@ -44,9 +47,10 @@ def build_app(cfg: ServiceConfig) -> Application:
         for rec in svc.registry.list()
         if isinstance(rec.spec, ModelSpec) and rec.spec.task == "generate"
     }
-    experts = {n: expert_deployment(n, p, dep, str(cfg.home)) for n, p in models.items()}
     config = cfg.model_dump(mode="json")
     registry = RegistryService.options(logging_config=dep.logging()).bind(config)  # type: ignore[attr-defined]
+    home = str(cfg.home)
+    experts = {n: expert_deployment(n, p, dep, home, registry) for n, p in models.items()}
     gateway = Gateway.options(**deployment_options(dep.gateway, dep))  # type: ignore[attr-defined]
     return gateway.bind(config, experts, registry, models)
 

@@ -9,8 +9,9 @@
   batch by ``multiplexed_model_id`` and runs the sub-batches concurrently; a `MicroBatcher` with a
   1 ms window joins them back into one mixed-adapter forward.)
 * Streams decode on their own and yield text as it settles; a client that goes away cancels them.
-* `DELETE` of an adapter drains: every WATCH_S a replica checks the registry version and unloads
-  the adapters of its base that are gone (or were re-registered with other weights) once their
+* `DELETE` of an adapter drains: each time the registry changes (the RegistryService's long
+  poll, or with registry_reads 'store' the SQLite version every WATCH_S) a replica unloads the
+  adapters of its base that are gone (or were re-registered with other weights) once their
   in-flight requests end; a request naming other weights than the resident ones reloads them.
 * A request with ``params.token_routing`` is a per-token mixture of adapters: every candidate is
   acquired through the same multiplexed LRU (and held until the request ends), then it joins the
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from concilium.errors import ExpertFailed
 from concilium.experts.base import Generation, GenParams, Message, StreamItem, Target
@@ -40,6 +42,7 @@ from concilium.experts.pool import decode_rows, needed_adapters, stream_local
 log = logging.getLogger(__name__)
 MERGE_WINDOW_S = 0.001  # Serve's per-adapter sub-batches start within this of each other
 WATCH_S = 0.5  # how often a replica checks the registry version for deleted adapters
+WATCH_WAIT_S = 10.0  # how long one long poll of the RegistryService is held open
 
 
 class _Resident:
@@ -72,6 +75,7 @@ class ExpertServer:
         batch_wait_ms: float = 2.0,
         registry_home: str | None = None,
         moe: dict[str, Any] | None = None,
+        registry: DeploymentHandle | None = None,
     ) -> None:
         from concilium.config import MoEConfig
 
@@ -87,6 +91,7 @@ class ExpertServer:
         self._paths: dict[str, str] = {}  # adapter -> the dir its latest request named
         self._loaded: dict[str, str] = {}  # adapter -> the dir resident in the model
         self._home = registry_home
+        self._registry = registry  # the RegistryService to watch; None: the store under home
         self._watcher: asyncio.Task[None] | None = None
         self._inflight: Counter[str] = Counter()
         self._unload_when_idle: set[str] = set()
@@ -180,16 +185,28 @@ class ExpertServer:
 
     # -- deletions -------------------------------------------------------------------------
     def _watch_registry(self) -> None:
-        if self._home is not None and (self._watcher is None or self._watcher.done()):
-            self._watcher = asyncio.get_running_loop().create_task(self._watch(self._home))
+        watched = self._home is not None or self._registry is not None
+        if watched and (self._watcher is None or self._watcher.done()):
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
-    async def _watch(self, home: str) -> None:
-        """Every WATCH_S, when the registry version moved: unload the adapters of this base that
-        are no longer registered (or were re-registered with other weights), after their
-        in-flight requests end."""
+    async def _watch(self) -> None:
+        """Each time the registry changes: unload the adapters of this base that are no longer
+        registered (or were re-registered with other weights), after their in-flight requests
+        end."""
+        changes = self._from_service() if self._registry is not None else self._from_store()
+        async for records in changes:
+            live = self._registered(records)
+            for name, path in list(self._loaded.items()):
+                if live.get(name) != Path(path).name:
+                    self.stats["adapter_unregistered"] += 1
+                    self._retire(name)
+
+    async def _from_store(self) -> AsyncIterator[list[Any]]:
+        """The records, every WATCH_S that the SQLite store's version moved."""
         from concilium.registry.store import store_at
 
-        store = store_at(Path(home))
+        assert self._home is not None
+        store = store_at(Path(self._home))
         seen: int | None = None
         while True:
             await asyncio.sleep(WATCH_S)
@@ -197,21 +214,33 @@ class ExpertServer:
                 version = await asyncio.to_thread(store.version)
                 if version == seen:
                     continue
-                live = await asyncio.to_thread(self._registered, store)
+                records = await asyncio.to_thread(store.list)
                 seen = version
             except Exception as e:  # the store is shared; a busy moment is retried next tick
                 log.warning("registry watch of %s failed: %s", self.name, e)
                 continue
-            for name, path in list(self._loaded.items()):
-                if live.get(name) != Path(path).name:
-                    self.stats["adapter_unregistered"] += 1
-                    self._retire(name)
+            yield records
 
-    def _registered(self, store: Any) -> dict[str, str]:
+    async def _from_service(self) -> AsyncIterator[list[Any]]:
+        """The records each time the RegistryService's long poll reports a new version."""
+        assert self._registry is not None
+        seen: int | None = None
+        while True:
+            try:
+                got = await self._registry.watch.remote(seen, WATCH_WAIT_S)
+            except Exception as e:  # restarting or redeployed: try again shortly
+                log.warning("registry watch of %s failed: %s", self.name, e)
+                await asyncio.sleep(WATCH_S)
+                continue
+            if got is not None:
+                seen, records = got
+                yield records
+
+    def _registered(self, records: Sequence[Any]) -> dict[str, str]:
         """lora name -> artifact ref, for the registered adapters of this base."""
         return {
             r.name: str(r.artifacts.get("adapter"))
-            for r in store.list()
+            for r in records
             if r.spec.kind == "lora" and getattr(r.spec, "base", None) == self.name
         }
 

@@ -265,15 +265,16 @@ class RayBackend:
 class Gateway:
     """OpenAI-compatible ingress. Reads the shared registry; never owns a model itself."""
 
-    def __init__(
+    async def __init__(  # type: ignore[misc]  # Serve awaits an async constructor
         self,
         config: dict[str, Any],
         experts: dict[str, DeploymentHandle],
         registry: DeploymentHandle | None = None,
         paths: dict[str, str] | None = None,
     ) -> None:
-        from concilium.deployments.registry_service import RayRegistrar
+        from concilium.deployments.registry_service import RayRegistrar, registry_feed
         from concilium.orchestrator.service import build_service
+        from concilium.registry.mirror import MirrorStore
 
         cfg = ServiceConfig.model_validate(config)
         local = ExpertPool(
@@ -282,13 +283,23 @@ class Gateway:
             batch_window_ms=cfg.batch_window_ms,
         )
         self.backend = RayBackend(experts, local, cfg.deployment, home=str(cfg.home), paths=paths)
+        # reads: a mirror the RegistryService feeds (no SQLite here), or the store under home
+        mirror, self.feed = None, None
+        if registry is not None and cfg.deployment.registry_reads == "service":
+            mirror = MirrorStore()
+            self.feed = registry_feed(registry, mirror)
+            await self.feed.first()
         # writes go to the RegistryService, which alone trains gates; this replica only reads
-        registrar = RayRegistrar(registry) if registry is not None else None
+        registrar = RayRegistrar(registry, mirror) if registry is not None else None
         if registrar is not None:
             cfg = cfg.model_copy(update={"train_gates": False})
             self.backend.deploy = registrar.deploy
-        self.service = build_service(cfg, backend=self.backend, seed=False, registrar=registrar)
+        self.service = build_service(
+            cfg, backend=self.backend, seed=False, registrar=registrar, store=mirror
+        )
         self.backend.registered = partial(model_path_of, self.service.registry)
+        if self.feed is not None:
+            self.feed.start()
 
     def __del__(self) -> None:
         """Serve calls this when the replica stops (and the interpreter may call it again):
@@ -300,6 +311,9 @@ class Gateway:
         backend: RayBackend | None = getattr(self, "backend", None)
         if backend is not None:
             backend.stop_deploys()
+        feed = getattr(self, "feed", None)
+        if feed is not None:
+            feed.stop()
 
     def __serve_build_asgi_app__(self) -> Any:
         from concilium.orchestrator.http import create_app

@@ -6,8 +6,12 @@ profiles a new local model, inserts the row and bumps the registry version; dele
 expert that runs in its own application (registered while serving) also deletes that application,
 once Serve has drained its in-flight requests. It alone owns the
 background PHATGOOSE gate jobs: it resumes the gates a previous run left pending when it starts,
-and trains the gate of every lora registered through it. Readers (gateways, CLI) keep reading the
-shared SQLite store directly, so a write is visible everywhere as soon as the version moves.
+and trains the gate of every lora registered through it. It also publishes the registry: `watch` is
+a long poll that answers with a (version, records) snapshot as soon as the version moves, which
+gateway and ExpertServer replicas mirror (`deployment.registry_reads: service`, the default), so
+no other replica opens the SQLite file; with `registry_reads: store` they read it directly (one
+machine). Writes made outside this replica (`concilium experts add` against the same home) are
+seen within POLL_S.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
-from ray.serve.exceptions import DeploymentUnavailableError
+from ray.serve.exceptions import DeploymentUnavailableError, RayServeException
 from ray.serve.handle import DeploymentHandle
 
 from concilium.config import ServiceConfig
@@ -33,12 +37,16 @@ from concilium.deployments.topology import (
     expert_handle,
 )
 from concilium.errors import ExpertUnavailable, RegistryUnavailable
+from concilium.registry.mirror import Feed, MirrorStore, Publisher
 from concilium.registry.store import AnySpec, ExpertRecord
 
 log = logging.getLogger(__name__)
 # longer than a gateway's catalogue refresh (ServiceConfig.refresh_s, 0.2 s by default)
 DELETE_GRACE_S = 1.0
 START_BACKOFF_S = 10.0  # after a failed start of a late model, before the next try
+POLL_S = 0.1  # how often the store's version is read for `watch` (one read for all watchers)
+MAX_WATCH_S = 30.0  # the longest a `watch` call is held open
+READ_YOUR_WRITE_S = 2.0  # how long a write waits for the writer's own mirror to show it
 
 
 def profile_once(spec: AnySpec, runtime_dir: Path | None) -> dict[str, float]:
@@ -56,7 +64,8 @@ def profile_once(spec: AnySpec, runtime_dir: Path | None) -> dict[str, float]:
         gc.collect()
 
 
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=16)
+# every gateway and ExpertServer replica holds one `watch` call open: room for them beside writes
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=1024)
 class RegistryService:
     """Owns registry writes and gate training; one replica per application."""
 
@@ -68,6 +77,7 @@ class RegistryService:
         self._deployment, self._home = cfg.deployment, str(cfg.home)
         self._app_locks: dict[str, asyncio.Lock] = {}  # per model: its start and its delete
         self._failed_at: dict[tuple[str, str], float] = {}  # (model, weights) -> last failure
+        self.publisher = Publisher(self.registry.store, poll_s=POLL_S, max_wait_s=MAX_WATCH_S)
         pending = self.registry.train_pending_gates()
         if pending:
             log.info("resuming PHATGOOSE gates of %s", pending)
@@ -93,11 +103,24 @@ class RegistryService:
                     retry_after_s=wait,
                 )
             try:
-                await asyncio.to_thread(deploy_expert_app, name, path, self._deployment, self._home)
+                await asyncio.to_thread(
+                    deploy_expert_app, name, path, self._deployment, self._home, self._own_handle()
+                )
             except Exception:
                 self._failed_at[(name, path)] = time.monotonic()
                 raise
             self._failed_at.pop((name, path), None)
+
+    def _own_handle(self) -> DeploymentHandle | None:
+        """A handle on this deployment, for the ExpertServers it starts to watch; None outside
+        a Serve replica or with registry_reads 'store' (they then read the store itself)."""
+        if self._deployment.registry_reads != "service":
+            return None
+        try:
+            ctx = serve.get_replica_context()
+        except RayServeException:
+            return None
+        return serve.get_deployment_handle(ctx.deployment, app_name=ctx.app_name)
 
     def _app_lock(self, name: str) -> asyncio.Lock:
         return self._app_locks.setdefault(name, asyncio.Lock())
@@ -122,6 +145,12 @@ class RegistryService:
     def version(self) -> int:
         return self.registry.version()
 
+    async def watch(
+        self, after: int | None, wait_s: float = 10.0
+    ) -> tuple[int, list[ExpertRecord]] | None:
+        """Long poll for the replicas' mirrors (see `concilium.registry.mirror.Publisher`)."""
+        return await self.publisher.watch(after, wait_s)
+
     def pending_gates(self) -> list[str]:
         """Experts whose gate training is queued or running (operators, tests)."""
         return self.registry.jobs.pending()
@@ -131,18 +160,27 @@ class RegistryService:
 
 
 class RayRegistrar:
-    """The gateway's `Registrar` on Serve: every write goes to the RegistryService replica."""
+    """The gateway's `Registrar` on Serve: every write goes to the RegistryService replica. With
+    a `mirror` (registry_reads: service) a write returns once this replica's mirror holds it
+    (read-your-writes), or after READ_YOUR_WRITE_S."""
 
-    def __init__(self, handle: DeploymentHandle) -> None:
+    def __init__(self, handle: DeploymentHandle, mirror: MirrorStore | None = None) -> None:
         self.handle = handle
+        self.mirror = mirror
 
     async def register(self, data: Any) -> ExpertRecord:
         rec: ExpertRecord = await self._call("register", data)
+        await self._seen(rec.version)
         return rec
 
     async def remove(self, name: str) -> int:
         version: int = await self._call("remove", name)
+        await self._seen(version)
         return version
+
+    async def _seen(self, version: int) -> None:
+        if self.mirror is not None:
+            await asyncio.to_thread(self.mirror.wait_for, version, READ_YOUR_WRITE_S)
 
     async def deploy(self, name: str, path: str) -> DeploymentHandle:
         """The handle of late model `name`'s application, started by the RegistryService."""
@@ -159,3 +197,8 @@ class RayRegistrar:
                 f"the registry service is not reachable ({type(e).__name__}); retry shortly",
                 retry_after_s=1.0,
             ) from None
+
+
+def registry_feed(handle: DeploymentHandle, mirror: MirrorStore) -> Feed:
+    """The `Feed` that keeps `mirror` current from the RegistryService behind `handle`."""
+    return Feed(handle.watch.remote, mirror)

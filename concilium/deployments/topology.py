@@ -37,14 +37,22 @@ def deployment_options(s: ScalingConfig, dep: DeploymentConfig) -> dict[str, Any
 
 
 def expert_deployment(
-    name: str, model_path: str, dep: DeploymentConfig, home: str | None = None
+    name: str,
+    model_path: str,
+    dep: DeploymentConfig,
+    home: str | None = None,
+    registry: Any = None,
 ) -> Any:
-    """A bound ExpertServer for model expert `name` (scaling from the YAML, per expert); `home`
-    is the registry data dir its replicas watch for deleted adapters."""
+    """A bound ExpertServer for model expert `name` (scaling from the YAML, per expert). Its
+    replicas watch the registry for deleted adapters: through `registry` (the RegistryService,
+    bound or a handle) when `dep.registry_reads` is 'service', else the store under `home`."""
     s: ExpertScalingConfig = dep.expert(name)
+    watch = registry if dep.registry_reads == "service" else None
     return ExpertServer.options(  # type: ignore[attr-defined]
         name=f"expert-{name}", **deployment_options(s, dep)
-    ).bind(model_path, s.max_adapters, s.max_batch, s.batch_wait_ms, home, s.moe.model_dump())
+    ).bind(
+        model_path, s.max_adapters, s.max_batch, s.batch_wait_ms, home, s.moe.model_dump(), watch
+    )
 
 
 def _app_prefix(name: str) -> str:
@@ -60,11 +68,16 @@ def app_name_for(name: str, model_path: str) -> str:
 
 
 def deploy_expert_app(
-    name: str, model_path: str, dep: DeploymentConfig, home: str | None = None
+    name: str,
+    model_path: str,
+    dep: DeploymentConfig,
+    home: str | None = None,
+    registry: DeploymentHandle | None = None,
 ) -> DeploymentHandle:
     """Start (or find) the application of a late-registered model expert; blocks until ready.
     An application whose last start failed is deleted and started again (Serve keeps it listed
-    as DEPLOY_FAILED and adds no replicas to it by itself)."""
+    as DEPLOY_FAILED and adds no replicas to it by itself). `registry`: the RegistryService its
+    replicas watch (see `expert_deployment`)."""
     app = app_name_for(name, model_path)
     # ask the controller: get_deployment_handle caches handles, also those of deleted apps
     status = serve.status().applications.get(app)
@@ -74,7 +87,8 @@ def deploy_expert_app(
         status = None
     if status is None:
         log.info("starting ExpertServer application %s for %s", app, model_path)
-        serve.run(expert_deployment(name, model_path, dep, home), name=app, route_prefix=None)
+        bound = expert_deployment(name, model_path, dep, home, registry)
+        serve.run(bound, name=app, route_prefix=None)
     return expert_handle(name, model_path)
 
 

@@ -26,6 +26,7 @@ from concilium.orchestrator.schemas import (
     model_card,
 )
 from concilium.orchestrator.service import Service
+from concilium.registry.mirror import MirrorStore
 from concilium.registry.store import ExpertRecord
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,10 @@ def _inference_routes(app: FastAPI, service: Service) -> None:
             "status": "ok",
             "instance": app.state.instance,
             "registry_version": cat.version,
+            # "mirror": fed by the RegistryService (registry_reads: service); "store": the file
+            "registry_source": "mirror"
+            if isinstance(service.registry.store, MirrorStore)
+            else "store",
             "experts": len(cat.entries),
         }
 

@@ -4,8 +4,9 @@
 CLI, `concilium serve --no-ray`, tests) that is the local `Registry` itself, run off the event loop.
 On Ray Serve it is the single `RegistryService` replica (``deployments/registry_service.py``): the
 one process that writes the store, builds artifacts and trains PHATGOOSE gates, so two gateway
-replicas never train the same gate twice. Every process still *reads* the shared SQLite store and
-sees a write as soon as the registry version moves.
+replicas never train the same gate twice. Replicas read a mirror the RegistryService feeds
+(`concilium.registry.mirror`; `deployment.registry_reads: store` has them read the SQLite file
+instead), and see a write as soon as the registry version moves.
 """
 
 from __future__ import annotations

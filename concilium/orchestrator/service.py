@@ -19,6 +19,7 @@ from concilium.orchestrator.pipeline import Orchestrator
 from concilium.orchestrator.registrar import LocalRegistrar, Registrar
 from concilium.outcomes.store import OutcomeStore
 from concilium.registry.index import TextEncoder
+from concilium.registry.mirror import MirrorStore
 from concilium.registry.registry import GateTrainer, Profiler, Registry, RegistryLimits
 from concilium.registry.store import AnySpec, ExpertRecord
 from concilium.routers.query import build_router
@@ -47,9 +48,13 @@ def limits_of(config: ServiceConfig) -> RegistryLimits:
 
 
 def open_registry(
-    config: ServiceConfig, encoder: TextEncoder | None = None, profiler: Profiler | None = None
+    config: ServiceConfig,
+    encoder: TextEncoder | None = None,
+    profiler: Profiler | None = None,
+    store: MirrorStore | None = None,
 ) -> Registry:
-    """The registry alone (CLI `experts` commands): no expert backend is started."""
+    """The registry alone (CLI `experts` commands): no expert backend is started. `store`: read
+    a mirror fed by the store's owner instead of the SQLite file under `config.home`."""
     if encoder is None:
         from concilium.experts.embedder import SentenceEncoder
 
@@ -61,6 +66,7 @@ def open_registry(
         limits=limits_of(config),
         adapter_routing=arrow_artifacts,
         gate_trainer=phatgoose_gates() if config.train_gates else None,
+        store=store,
     )
 
 
@@ -110,9 +116,11 @@ def build_service(
     backend: ExpertBackend | None = None,
     seed: bool = True,
     registrar: Registrar | None = None,
+    store: MirrorStore | None = None,
 ) -> Service:
     """The in-process service. `registrar` routes registry writes elsewhere (the Serve
-    RegistryService); by default this process writes the store itself."""
+    RegistryService); by default this process writes the store itself. `store`: read the
+    registry from a mirror (see `open_registry`)."""
     if backend is None:
         from concilium.experts.guard import guarded_client
         from concilium.experts.pool import ExpertPool
@@ -123,7 +131,7 @@ def build_service(
             batch_window_ms=config.batch_window_ms,
         )
     profiler = pool_profiler(backend) if hasattr(backend, "model") else None
-    registry = open_registry(config, encoder, profiler)
+    registry = open_registry(config, encoder, profiler, store)
     routers = {name: build_router(cfg) for name, cfg in config.routers.items()}
     outcomes = open_outcomes(config)
     for router in routers.values():
@@ -158,13 +166,13 @@ def build_service(
 
 
 def open_outcomes(config: ServiceConfig) -> OutcomeStore | None:
-    """The outcome store at <home>/outcomes.sqlite, or None when logging is disabled."""
+    """The outcome store at `outcomes.path` (default <home>/outcomes.sqlite), or None when
+    logging is disabled."""
     c = config.outcomes
     if not c.enabled:
         return None
-    return OutcomeStore(
-        Path(config.home) / "outcomes.sqlite", keep_queries=c.keep_queries, max_rows=c.max_rows
-    )
+    path = c.path if c.path is not None else Path(config.home) / "outcomes.sqlite"
+    return OutcomeStore(path, keep_queries=c.keep_queries, max_rows=c.max_rows)
 
 
 def seed_registry(registry: Registry, config: ServiceConfig) -> list[ExpertRecord]:

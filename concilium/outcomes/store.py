@@ -1,8 +1,9 @@
 """The outcome store: routed requests, their cost and latency, and the quality fed back later.
 
-One SQLite file (``$CONCILIUM_HOME/outcomes.sqlite``, WAL) shared by every gateway process on the
-node. Live requests are queued and written by one background thread per process, so logging never
-adds a disk write to a request; `feedback` flushes first. Imported outcome tables (RouterBench
+One SQLite file (``$CONCILIUM_HOME/outcomes.sqlite`` or ``outcomes.path``, WAL) shared by every
+gateway process on the node (WAL needs them on one host: on a cluster, one file per node). Live
+requests are queued and written by one background thread per process, so logging never adds a
+disk write to a request; `feedback` flushes first. Imported outcome tables (RouterBench
 layout) become labelled rows, one per (query, expert). The predictive router reads the labelled
 rows (`labelled`) and refreshes when `version` moves.
 """

@@ -34,8 +34,9 @@ from concilium.registry.index import (
     encode_texts,
     pack_tokens,
 )
+from concilium.registry.mirror import MirrorStore
 from concilium.registry.specs import MAX_TEXT, LoraSpec, ModelSpec, RemoteSpec, parse_spec
-from concilium.registry.store import AnySpec, ExpertRecord, store_at
+from concilium.registry.store import AnySpec, ExpertRecord, RegistryStore, store_at
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +77,11 @@ class Registry:
         limits: RegistryLimits | None = None,
         adapter_routing: AdapterRouting | None = None,
         gate_trainer: GateTrainer | None = None,
+        store: RegistryStore | MirrorStore | None = None,
     ) -> None:
         self.home = Path(home)
-        self.store = store_at(self.home)
+        # the SQLite file under home, or a mirror of it fed by the process that owns it
+        self.store: RegistryStore | MirrorStore = store if store is not None else store_at(home)
         self.artifacts = artifacts_at(self.home)
         self.encoder = encoder
         self.profiler = profiler

@@ -201,6 +201,7 @@ def test_registration_reaches_every_gateway_replica_within_1s(
     seen: dict[str, float] = {}
     while time.perf_counter() - t0 < 5 and len(seen) < 2:
         h = httpx.get(f"{gateway}/health", timeout=10).json()
+        assert h["registry_source"] == "mirror"  # fed by the RegistryService: no SQLite here
         if h["registry_version"] >= version:
             seen.setdefault(h["instance"], time.perf_counter() - t0)
     assert len(seen) == 2, seen

@@ -213,6 +213,7 @@ def test_health(client: TestClient) -> None:
         "status": "ok",
         "instance": "local",
         "registry_version": 3,
+        "registry_source": "store",
         "experts": 3,
     }
 
