@@ -8,6 +8,7 @@ from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from concilium.config import ServiceConfig, load_config
@@ -31,7 +32,7 @@ JsonOpt = typer.Option(False, "--json", help="Print JSON.")
 
 
 def _fail(msg: str) -> NoReturn:
-    err.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
+    err.print(f"[red]error:[/red] {escape(msg)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -90,14 +91,22 @@ r = c.chat.completions.create(model='auto', messages=[{{'role': 'user', \\
 def _registry(config: Path | None, home: Path | None) -> Any:
     from concilium.orchestrator.service import open_registry
 
-    return open_registry(_config(config, home=home))
+    cfg = _config(config, home=home)
+    try:
+        return open_registry(cfg)
+    except (ConciliumError, OSError) as e:  # a damaged store, a --home that is a file
+        _fail(str(e))
 
 
 def _store(config: Path | None, home: Path | None) -> Any:
     """The SQLite store alone: listing and removal need no encoder."""
     from concilium.registry.store import store_at
 
-    return store_at(_config(config, home=home).home)
+    cfg = _config(config, home=home)
+    try:
+        return store_at(cfg.home)
+    except (ConciliumError, OSError) as e:  # a damaged store, a --home that is a file
+        _fail(str(e))
 
 
 @experts_app.command("add")
@@ -165,7 +174,10 @@ def _post_expert(url: str, data: dict[str, Any], key: str | None) -> dict[str, A
         r = httpx.post(url.rstrip("/") + "/v1/experts", json=data, headers=headers, timeout=120)
     except (httpx.HTTPError, httpx.InvalidURL) as e:
         _fail(f"cannot reach {url}: {e}")
-    return _answer_json(r, url)
+    body = _answer_json(r, url)
+    if not all(k in body for k in ("name", "kind", "version")):
+        _fail(f"{url} answered the POST without the registered expert: not a concilium gateway")
+    return body
 
 
 def _admin_headers(key: str | None) -> dict[str, str]:
@@ -377,13 +389,14 @@ def chat(
     try:
         rt = data["routing"]
         text = data["choices"][0]["message"]["content"]
-    except (KeyError, IndexError, TypeError):
+        line = (
+            f"[dim]{rt['expert']} via {rt['router']} · confidence {rt['confidence']:.3f} · "
+            f"cost {rt['cost']:.6f} · {rt['latency_ms']:.0f} ms[/dim]"
+        )
+    except (KeyError, IndexError, TypeError, ValueError):
         _fail(f"{url} answered without choices and routing: is it a concilium gateway?")
-    out.print(text, highlight=False)
-    out.print(
-        f"[dim]{rt['expert']} via {rt['router']} · confidence {rt['confidence']:.3f} · "
-        f"cost {rt['cost']:.6f} · {rt['latency_ms']:.0f} ms[/dim]"
-    )
+    out.print(text, highlight=False, markup=False)  # the answer verbatim: '[x]' is no style
+    out.print(line)
 
 
 # -- evaluation and calibration ------------------------------------------------------------------
@@ -418,7 +431,9 @@ def eval_cmd(
             fit_table=fit_table,
             quick=quick,
             seed=seed,
-            say=lambda m: err.print(f"[{time.perf_counter() - t0:5.1f}s] {m}", highlight=False),
+            say=lambda m: err.print(
+                f"[{time.perf_counter() - t0:5.1f}s] {m}", highlight=False, markup=False
+            ),
         )
     except ConciliumError as e:
         _fail(str(e))
@@ -426,7 +441,9 @@ def eval_cmd(
         _fail(str(e))
     out.print(md, highlight=False, markup=False)
     suffix = "_quick" if quick else ""
-    out.print(f"wrote {out_dir}/eval{suffix}.md and eval{suffix}.png", highlight=False)
+    out.print(
+        f"wrote {out_dir}/eval{suffix}.md and eval{suffix}.png", highlight=False, markup=False
+    )
     for line in targets:
         out.print(line, highlight=False, markup=False)
 
@@ -474,7 +491,7 @@ def calibrate(
         merge_into(config, {})  # a bad config fails before the fit, not after it
         cal = fit(replay_for, data, target_share=target_share, seed=seed, expensive=names)
         doc = merge_into(config, cal.config())
-    except ConciliumError as e:
+    except (ConciliumError, OSError) as e:  # OSError: an unreadable table, an unwritable cache
         _fail(str(e))
     out.print(
         f"expensive experts: {', '.join(cal.expensive)}\n"
@@ -489,7 +506,7 @@ def calibrate(
         out.print(text, highlight=False, markup=False)
     else:
         _write_whole(out_path, text)
-        out.print(f"wrote {out_path}")
+        out.print(f"wrote {out_path}", markup=False)
 
 
 def _write_whole(path: Path, text: str) -> None:
@@ -514,10 +531,12 @@ def pack_build(
     from concilium.pack.build import build_pack
 
     try:
-        path = build_pack(out_dir, seed=seed, quick=quick, progress=lambda m: err.print(m))
+        path = build_pack(
+            out_dir, seed=seed, quick=quick, progress=lambda m: err.print(m, markup=False)
+        )
     except ConciliumError as e:
         _fail(str(e))
-    out.print(f"demo pack written to {path}")
+    out.print(f"demo pack written to {path}", markup=False)
 
 
 def main() -> None:

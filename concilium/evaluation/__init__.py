@@ -62,10 +62,22 @@ def run_eval(
     title = f"Routing evaluation: {name}" + (" (quick)" if quick else "")
     md = markdown(report, title)
     out_dir.mkdir(parents=True, exist_ok=True)
-    png = pareto_png(report, out_dir / f"eval{suffix}.png", title)
+    png = out_dir / f"eval{suffix}.png"
+    _write_whole(png, lambda tmp: pareto_png(report, tmp, title))
     md += f"\n![Pareto plot]({png.name})\n"
-    (out_dir / f"eval{suffix}.md").write_text(md)
+    _write_whole(out_dir / f"eval{suffix}.md", lambda tmp: tmp.write_text(md))
     return md, target_lines(report)
+
+
+def _write_whole(path: Path, write: Callable[[Path], object]) -> None:
+    """`write` a temporary file beside `path`, then rename it over `path`: a failure part way
+    leaves the previous file, never half of a new one."""
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # the suffix: matplotlib's format
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def split(table: OutcomeTable, seed: int, share: float = 0.5) -> tuple[OutcomeTable, OutcomeTable]:

@@ -82,11 +82,12 @@ def calibrate(
         weight, share = float(w), s
         if s >= target_share:
             break
-    first = _first_stage_confidences(replay, router, adequacy)
-    first = first[~np.isnan(first)]
-    threshold = float(np.quantile(first, target_share)) if len(first) else 0.0
-    threshold = min(threshold, 0.0)
-    escalated = float(np.mean(first < threshold)) if len(first) else 0.0
+    first = _first_stage_confidences(replay, router, adequacy)  # [Q], NaN: never escalates
+    conf = first[~np.isnan(first)]
+    # the target is a share of every calibration query, not only of those with a confidence
+    q = min(1.0, target_share * len(first) / len(conf)) if len(conf) else 0.0
+    threshold = min(float(np.quantile(conf, q)) if len(conf) else 0.0, 0.0)
+    escalated = float(np.sum(conf < threshold)) / len(first)  # the split leaves len ≥ 1
     return Calibration(
         target_share=target_share,
         expensive=list(expensive),
@@ -114,11 +115,11 @@ def _first_stage_confidences(
 def merge_into(config_path: Path | None, fragment: dict[str, Any]) -> dict[str, Any]:
     """The config at `config_path` (plain or Serve YAML) with `fragment` merged in.
 
-    ConfigError when the file is not YAML or not laid out as a config."""
+    ConfigError when the file is missing, not YAML or not laid out as a config."""
     import yaml
 
     doc: Any = {}
-    if config_path is not None and config_path.is_file():
+    if config_path is not None:  # a path that names no file is an error, not an empty config
         try:
             doc = yaml.safe_load(config_path.read_text()) or {}
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
@@ -129,7 +130,7 @@ def merge_into(config_path: Path | None, fragment: dict[str, Any]) -> dict[str, 
         if not isinstance(apps, list) or not apps:
             raise ConfigError(f"config {config_path}: 'applications' must be a non-empty list")
         args = _child(_section(apps[0], "applications[0]"), "args")
-        target = _child(args, "concilium")
+        target = _child(args, "concilium") if "concilium" in args else args  # as load_config
     elif "concilium" in doc:
         target = _child(doc, "concilium")
     _deep_merge(target, fragment)

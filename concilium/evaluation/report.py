@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from concilium.evaluation.harness import EvalReport, cost_range, summary_rows
 from concilium.evaluation.metrics import hull
@@ -67,6 +68,17 @@ def pareto_png(report: EvalReport, path: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    try:
+        _draw(ax, report, title)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+    finally:  # a failed save must not leak the figure into pyplot's registry
+        plt.close(fig)
+    return path
+
+
+def _draw(ax: Any, report: EvalReport, title: str) -> None:
     for c in report.curves:
         xy = c.xy()
         if c.name == "single experts":
@@ -83,8 +95,3 @@ def pareto_png(report: EvalReport, path: Path, title: str) -> Path:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
